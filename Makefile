@@ -1,0 +1,35 @@
+# mmer: two commands for a fresh machine (see README).
+#   make repro  - create the environment if missing, make the embedded corpus, run `dvc repro` (all results)
+#   make test   - create the environment if missing, run every notebook's tests and the integration tests
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+# Nothing may fetch weights or data from a hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export MPLBACKEND := Agg
+
+.PHONY: env repro test export clean-nbs
+env: $(VENV)/.installed
+
+# torch first and alone: pinned, so a CPU machine takes the CPU wheel and nothing pulls CUDA builds.
+$(VENV)/.installed: settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+repro: env
+	dvc repro
+	@cat results/tables/*.md
+
+test: env
+	python -m pytest -q tests
+
+# For developers: regenerate mmer/ from the notebooks and clean the notebooks before committing.
+export: env
+	nbdev_export && nbdev_clean

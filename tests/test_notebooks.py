@@ -1,0 +1,19 @@
+"""Every module notebook's cells run as tests (what `nbdev_test` does), one pytest test per notebook.
+
+Experiment notebooks (nbs/experiments) train models end to end and are exercised by test_pipeline.py instead.
+Cells flagged `#| slow` or `#| cuda` are skipped here, as nbdev_test does by default.
+"""
+from pathlib import Path
+
+import pytest
+from nbdev.test import test_nb
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith(("_", ".")))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook(nb, monkeypatch):
+    monkeypatch.chdir(ROOT / "nbs")
+    ok, seconds = test_nb(nb, skip_flags=["slow", "cuda"], do_print=False, basepath=ROOT)
+    assert ok, f"{nb.name}: a cell failed (run `nbdev_test --path {nb.relative_to(ROOT)}` to see it)"

@@ -1,0 +1,81 @@
+"""Integration: the whole DVC pipeline on a very small configuration, in a scratch copy of the project.
+
+Small = 2 sessions of a small embedded corpus, 2 folds, 1-2 epochs. Checks that every stage runs through
+papermill, that tables and figures are written with the right rows and captions, and that a second
+`dvc repro` does nothing.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def small_params() -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"]["embedded"].update(sessions=2, per_speaker={"ang": 4, "hap": 2, "exc": 2, "sad": 4, "neu": 4, "fru": 1, "xxx": 1})
+    p["data"]["folds"] = [1, 2]
+    p["data"]["val_fraction"] = 0.25
+    for m in ("speech", "text"):
+        p["encoders"]["adapt"][m]["epochs"] = 1
+    p["baseline"]["train"]["epochs"] = 2
+    return p
+
+
+def run(cmd, cwd, **kw):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = tmp_path_factory.mktemp("proj")
+    for name in ("dvc.yaml", "settings.ini"):
+        shutil.copy(ROOT / name, proj / name)
+    shutil.copytree(ROOT / "nbs" / "experiments", proj / "nbs" / "experiments")
+    shutil.copytree(ROOT / "mmer", proj / "mmer", ignore=shutil.ignore_patterns("__pycache__"))
+    (proj / "params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))
+    run(["dvc", "init", "--no-scm", "-q"], proj)
+    run(["dvc", "config", "core.analytics", "false"], proj)
+    run(["dvc", "repro"], proj, timeout=900)
+    return proj
+
+
+def test_tables_and_figures_are_written(project):
+    md = (project / "results" / "tables" / "baseline.md").read_text()
+    assert "NOT IEMOCAP" in md and "tiny-wav2vec2" in md
+    summary = pd.read_csv(project / "results" / "tables" / "baseline.csv")
+    assert set(summary["variant"]) == {"fused", "speech_only", "text_only", "finetuned_speech", "finetuned_text"}
+    assert (summary["folds"] == 2).all()
+    assert summary["ua_mean"].between(0, 100).all()
+    for fig in ("baseline_confusion", "baseline_curves", "encoders_adaptation_curves"):
+        assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((project / "results" / "metrics" / "baseline.json").read_text())
+    assert set(metrics["fused"]) == {"wa", "ua", "f1_macro", "f1_weighted"}
+
+
+def test_every_fold_writes_predictions_of_its_own_session_only(project):
+    from mmer.data.iemocap import read_iemocap
+    df = read_iemocap(project / "data" / "embedded" / "IEMOCAP_full_release", classes=4)
+    for fold in (1, 2):
+        preds = pd.read_csv(project / "results" / "baseline" / f"fold{fold}" / "fused" / "test_predictions.csv")
+        sessions = set(df.set_index("utt_id").loc[preds["utt_id"], "session"])
+        assert sessions == {fold}
+        assert len(preds) == (df["session"] == fold).sum()
+        assert (project / "runs" / "executed" / f"baseline_fold{fold}.ipynb").exists()   # ran through papermill
+
+
+def test_second_repro_does_nothing(project):
+    out = run(["dvc", "repro"], project, timeout=120).stdout
+    assert "didn't change, skipping" in out or "Data and pipelines are up to date" in out, out
+    assert "Running stage" not in out, out
