@@ -6,7 +6,7 @@ Cells flagged `#| slow` or `#| cuda` are skipped here, as nbdev_test does by def
 from pathlib import Path
 
 import pytest
-from nbdev.test import test_nb
+from nbdev.test import test_nb as run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith(("_", ".")))
@@ -15,5 +15,5 @@ NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.start
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook(nb, monkeypatch):
     monkeypatch.chdir(ROOT / "nbs")
-    ok, seconds = test_nb(nb, skip_flags=["slow", "cuda"], do_print=False, basepath=ROOT)
+    ok, seconds = run_notebook(nb, skip_flags=["slow", "cuda"], do_print=False, basepath=ROOT)
     assert ok, f"{nb.name}: a cell failed (run `nbdev_test --path {nb.relative_to(ROOT)}` to see it)"

@@ -1,5 +1,6 @@
 """The repository is consistent with itself: pins agree, mmer/ is what the notebooks export, notebooks are
 clean, every name params.yaml uses resolves, and the package imports."""
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def test_settings_keep_papermill_parameters_tag():
     assert _settings()["allowed_cell_metadata_keys"].split() == ["tags"]
 
 
+def _nbdev(cmd, cwd):
+    "Run an nbdev command; without IN_TEST, which the in-process notebook tests set and nbdev_export obeys by doing nothing."
+    env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
+    subprocess.run([str(BIN / cmd)], cwd=cwd, env=env, check=True, capture_output=True)
+
+
 def _copy_project(tmp_path):
     for name in ("settings.ini", "setup.py"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -46,7 +53,7 @@ def test_mmer_is_in_sync_with_the_notebooks(tmp_path):
     proj = _copy_project(tmp_path)
     for py in (proj / "mmer").rglob("*.py"):
         if py.name != "__init__.py": py.unlink()
-    subprocess.run([str(BIN / "nbdev_export")], cwd=proj, check=True, capture_output=True)
+    _nbdev("nbdev_export", proj)
     ours = {p.relative_to(ROOT / "mmer"): p.read_text() for p in (ROOT / "mmer").rglob("*.py")}
     theirs = {p.relative_to(proj / "mmer"): p.read_text() for p in (proj / "mmer").rglob("*.py")}
     assert set(ours) == set(theirs), f"files differ: {sorted(set(ours) ^ set(theirs))}"
@@ -56,7 +63,7 @@ def test_mmer_is_in_sync_with_the_notebooks(tmp_path):
 
 def test_notebooks_are_clean(tmp_path):
     proj = _copy_project(tmp_path)
-    subprocess.run([str(BIN / "nbdev_clean")], cwd=proj, check=True, capture_output=True)
+    _nbdev("nbdev_clean", proj)
     dirty = [str(p.relative_to(ROOT)) for p in (ROOT / "nbs").rglob("*.ipynb")
              if ".ipynb_checkpoints" not in p.parts and p.read_bytes() != (proj / p.relative_to(ROOT)).read_bytes()]
     assert not dirty, f"run nbdev_clean: {dirty}"

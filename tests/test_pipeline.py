@@ -27,6 +27,7 @@ def small_params() -> dict:
     for m in ("speech", "text"):
         p["encoders"]["adapt"][m]["epochs"] = 1
     p["baseline"]["train"]["epochs"] = 2
+    p["fdrl"]["train"]["epochs"] = 2
     return p
 
 
@@ -62,6 +63,22 @@ def test_tables_and_figures_are_written(project):
         assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((project / "results" / "metrics" / "baseline.json").read_text())
     assert set(metrics["fused"]) == {"wa", "ua", "f1_macro", "f1_weighted"}
+
+
+def test_fdrl_tables_and_figures_are_written(project):
+    t2 = pd.read_csv(project / "results" / "tables" / "fdrl_table2.csv")
+    params = small_params()
+    assert list(t2["variant"]) == list(params["fdrl"]["variants"])      # every ablation row is filled
+    assert (t2["folds"] == 2).all()
+    md = (project / "results" / "tables" / "fdrl_table2.md").read_text()
+    assert "NOT IEMOCAP" in md and "| S0 FDRL |" in md and "79.44" in md   # ours beside the paper's
+    assert "78.34" in (project / "results" / "tables" / "fdrl_table1.md").read_text()
+    for fig in ("fdrl_fig3a_tsne", "fdrl_fig3b_centroids", "fdrl_curves"):
+        assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    hist = pd.read_csv(project / "results" / "fdrl" / "fold1" / "S0" / "history.csv")
+    assert {"train_task", "train_global", "train_local", "train_modality", "train_orth", "train_predictor", "mu"} <= set(hist.columns)
+    s1 = pd.read_csv(project / "results" / "fdrl" / "fold1" / "S1" / "history.csv")
+    assert (s1["train_global"] == 0).all() and (s1["train_modality"] == 0).all()     # the switch removed the terms
 
 
 def test_every_fold_writes_predictions_of_its_own_session_only(project):
