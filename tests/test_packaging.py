@@ -79,12 +79,18 @@ def test_experiment_notebooks_have_a_parameters_cell():
 def test_every_name_in_params_resolves():
     from mmer.core import MODELS
     from mmer.encoders import ENCODERS
-    import mmer.models.baseline  # noqa: F401  (registers)
+    import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma  # noqa: F401  (register)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for modality in ("speech", "text"):
         name = params["encoders"][modality]["name"]
         assert name in ENCODERS, f"params.yaml encoders.{modality}.name {name!r} is not a registered offline encoder"
-    assert "baseline" in MODELS
+    for section in ("baseline", "fdrl", "mgcma"):
+        assert section in MODELS, f"params.yaml section {section!r} has no registered model"
+    from mmer.experiment import variant_config
+    for section in ("fdrl", "mgcma"):
+        for name, variant in params[section]["variants"].items():
+            config = variant_config(params[section], variant or {})
+            MODELS.get(section)(4, {"speech": 8, "text": 8}, config["modalities"], **config["model"])  # every row builds
 
 
 def test_package_imports_with_declared_dependencies():

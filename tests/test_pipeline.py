@@ -28,6 +28,7 @@ def small_params() -> dict:
         p["encoders"]["adapt"][m]["epochs"] = 1
     p["baseline"]["train"]["epochs"] = 2
     p["fdrl"]["train"]["epochs"] = 2
+    p["mgcma"]["train"]["epochs"] = 2
     return p
 
 
@@ -79,6 +80,19 @@ def test_fdrl_tables_and_figures_are_written(project):
     assert {"train_task", "train_global", "train_local", "train_modality", "train_orth", "train_predictor", "mu"} <= set(hist.columns)
     s1 = pd.read_csv(project / "results" / "fdrl" / "fold1" / "S1" / "history.csv")
     assert (s1["train_global"] == 0).all() and (s1["train_modality"] == 0).all()     # the switch removed the terms
+
+
+def test_mgcma_tables_and_figures_are_written(project):
+    params = small_params()
+    t2 = pd.read_csv(project / "results" / "tables" / "mgcma_table2.csv")
+    t3 = pd.read_csv(project / "results" / "tables" / "mgcma_table3.csv")
+    assert set(t2["variant"]) | set(t3["variant"]) == set(params["mgcma"]["variants"])   # every row of Tables II-III
+    assert "80.24" in (project / "results" / "tables" / "mgcma_table1.md").read_text()
+    assert "DAM + IAM + TAM" in (project / "results" / "tables" / "mgcma_table3.md").read_text()
+    for fig in ("mgcma_fig3_tsne", "mgcma_curves"):
+        assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    s4 = pd.read_csv(project / "results" / "mgcma" / "fold1" / "S4" / "history.csv")
+    assert (s4["train_dist"] == 0).all() and (s4["train_inst"] == 0).all()        # no module, no alignment loss
 
 
 def test_every_fold_writes_predictions_of_its_own_session_only(project):
