@@ -110,3 +110,21 @@ def test_second_repro_does_nothing(project):
     out = run(["dvc", "repro"], project, timeout=120).stdout
     assert "didn't change, skipping" in out or "Data and pipelines are up to date" in out, out
     assert "Running stage" not in out, out
+
+
+def test_finetune_mode_trains_live_encoders_through_papermill(project, tmp_path):
+    "encoders.finetune: true (the papers' setting) fine-tunes fresh encoders with the model instead of reading the cache."
+    params = small_params()
+    params["encoders"]["finetune"] = True
+    params["fdrl"]["train"]["epochs"] = 1
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = tmp_path / "results"
+    run(["papermill", "--no-progress-bar", "-k", "python3", "--language", "python", str(project / "nbs" / "experiments" / "fdrl.ipynb"),
+         str(tmp_path / "fdrl.ipynb"), "-p", "fold", "1", "-p", "params_file", str(pfile), "-p", "features_dir", str(tmp_path / "no_cache"),
+         "-p", "out_dir", str(out), "-p", "runs_dir", str(tmp_path / "runs"), "-y", "variants: [S0]", "-p", "progress", "False"], project, timeout=600)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"S0"} and 0 <= metrics["S0"]["ua"] <= 1
+    ckpt = __import__("torch").load(tmp_path / "runs" / "S0" / "checkpoint.pt", weights_only=False)
+    assert any(k.startswith("inputs.encoders.speech.") for k in ckpt["model"]), "the live speech encoder is part of the trained model"
+    assert any(k.startswith("inputs.encoders.text.") for k in ckpt["model"])
