@@ -7,13 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .core import code_fingerprint, deep_merge, fingerprint, seed_everything, write_json
+import numpy as np
+import torch
+
+from .core import atomic_path, code_fingerprint, deep_merge, fingerprint, seed_everything, write_json
 from .data.corpus import class_names, load_fold
 from .features import experiment_inputs
-from .train import train_and_test
+from .train import to_device, train_and_test
 
 # %% auto #0
-__all__ = ['fold_split', 'variant_config', 'run_variants']
+__all__ = ['fold_split', 'variant_config', 'run_variants', 'save_representations']
 
 # %% ../nbs/39_experiment.ipynb #3e720576
 def fold_split(params: dict, fold: int) -> dict:
@@ -28,11 +31,13 @@ def variant_config(section: dict, variant: dict) -> dict:
             "modalities": variant.get("modalities", ["speech", "text"])}
 
 def run_variants(params: dict, section: str, fold: int, build: Callable, features_dir, out_dir, runs_dir,
-                 epochs=None, variants=None, progress: bool = True, after: Callable | None = None) -> dict:
+                 epochs=None, variants=None, progress: bool = True, after: Callable | None = None, split: dict | None = None) -> dict:
     """Train and test every variant of `params[section]` on `fold`; returns {variant: test metrics}.
     `build(config, dims, encoders) -> (model, loss_fn, callbacks)` with `config` from `variant_config`;
-    `after(name, config, result, loaders) -> dict | None` may add entries to the variant's metrics."""
-    sec, classes, split = params[section], class_names(params), fold_split(params, fold)
+    `after(name, config, result, loaders) -> dict | None` may add entries to the variant's metrics; `split` replaces
+    the fold's utterance tables (e.g. with ASR transcripts in place of the gold text)."""
+    sec, classes = params[section], class_names(params)
+    split = fold_split(params, fold) if split is None else split
     cfg = {**params["train"], **sec["train"], "progress": progress}
     if epochs: cfg["epochs"] = int(epochs)
     unknown = sorted(set(variants or []) - set(sec["variants"]))
@@ -51,3 +56,18 @@ def run_variants(params: dict, section: str, fold: int, build: Callable, feature
         print(f"{section} fold {fold} {name:20s} test UA {metrics['ua']:.3f}  WA {metrics['wa']:.3f}")
     write_json(Path(out_dir) / "metrics.json", summary)
     return summary
+
+# %% ../nbs/39_experiment.ipynb #a5e1d0c2
+@torch.no_grad()
+def save_representations(model, loader, path, pick: Callable[[dict], dict]) -> Path:
+    "Save `pick(model(batch))` ({name: (B, D)}) and the labels of every utterance of `loader` to the .npz `path`."
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval(); keep = {"label": []}
+    for batch in loader:
+        keep["label"].append(batch["label"].numpy())
+        for k, v in pick(model(to_device(batch, device))).items(): keep.setdefault(k, []).append(v.float().cpu().numpy())
+    model.train(was_training)
+    arrays = {k: np.concatenate(v).astype(np.int64 if k == "label" else np.float16) for k, v in keep.items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f: np.savez_compressed(f, **arrays)
+    return Path(path)

@@ -129,31 +129,42 @@ def cached_loader(df, classes, stores, batch_size=16, shuffle=False, seed=0) -> 
                       collate_fn=lambda b: cached_collate(b, stores), generator=torch.Generator().manual_seed(seed))
 
 # %% ../nbs/22_features.ipynb #6932f58f
+def _add_cached(batch: dict, stores: dict | None) -> dict:
+    for name, store in (stores or {}).items(): batch[name] = store.batch(batch["utt_id"])
+    return batch
+
 def split_loaders(split: dict, classes, batch_size: int, seed: int = 0, stores: dict | None = None,
                   encoders: dict | None = None, crop_seconds: float | None = None) -> dict[str, DataLoader]:
-    "{'train', 'val', 'test'} -> DataLoader, from cached `stores` or, for live `encoders`, from raw audio and text."
-    if (stores is None) == (encoders is None): raise ValueError("give either cached feature `stores` or live `encoders`, not both or neither")
+    """{'train', 'val', 'test'} -> DataLoader: from cached `stores`, from raw audio and text for live `encoders`,
+    or both (live encoders for the modalities being trained, the cache for the frozen ones)."""
+    if not stores and not encoders: raise ValueError("give cached feature `stores`, live `encoders`, or both")
+    both = sorted(set(stores or {}) & set(encoders or {}))
+    if both: raise ValueError(f"modalities {both} are given both as cached stores and as live encoders")
     out = {}
     for name, frame in split.items():
         train = name == "train"
-        if stores is not None:
+        if not encoders:
             out[name] = cached_loader(frame, classes, stores, batch_size=batch_size, shuffle=train, seed=seed)
             continue
         tokenize = encoders["text"].tokenize if "text" in encoders else None
         ds = UtteranceDataset(frame, classes, crop_seconds=crop_seconds if train and "speech" in encoders else None, seed=seed)
-        out[name] = DataLoader(ds, batch_size=batch_size, shuffle=train, collate_fn=lambda b, t=tokenize: raw_collate(b, t),
+        out[name] = DataLoader(ds, batch_size=batch_size, shuffle=train, collate_fn=lambda b, t=tokenize: _add_cached(raw_collate(b, t), stores),
                                generator=torch.Generator().manual_seed(seed))
     return out
 
 # %% ../nbs/22_features.ipynb #78ee79b8
 def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size: int, seed: int = 0,
                       features_dir=None) -> tuple[dict, dict, dict | None]:
-    "(loaders, {modality: width}, live encoders or None) for one variant, cached or fine-tuned per `params`."
+    "(loaders, {modality: width}, live encoders or None) for one variant: cached, fine-tuned, or both (frozen ones cached)."
     from mmer.encoders import build_encoder
-    if not params["encoders"].get("finetune", False):
-        stores = {m: FeatureStore(Path(features_dir) / f"{m}.pt") for m in modalities}
-        return split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None
+    enc = params["encoders"]
+    frozen = set(enc.get("frozen") or [])
+    cached = [m for m in modalities if not enc.get("finetune", False) or m in frozen]
+    if cached and features_dir is None: raise ValueError(f"the inputs {cached} are read from the feature cache: give `features_dir`")
+    stores = {m: FeatureStore(Path(features_dir) / f"{m}.pt", fingerprint=encoder_fingerprint(enc[m])) for m in cached}
+    live = [m for m in modalities if m not in stores]
+    if not live: return split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None
     texts = list(split["train"]["text"])
-    encoders = {m: build_encoder(params["encoders"][m], texts=texts if m == "text" else None) for m in modalities}
-    loaders = split_loaders(split, classes, batch_size, seed, encoders=encoders, crop_seconds=params["encoders"]["adapt"]["crop_seconds"])
-    return loaders, {m: e.dim for m, e in encoders.items()}, encoders
+    encoders = {m: build_encoder(enc[m], texts=texts if m == "text" else None) for m in live}
+    loaders = split_loaders(split, classes, batch_size, seed, stores=stores, encoders=encoders, crop_seconds=enc["adapt"]["crop_seconds"])
+    return loaders, {m: stores[m].dim if m in stores else encoders[m].dim for m in modalities}, encoders

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['masked_mean', 'masked_max', 'MLP', 'EncodedInputs', 'select_layer', 'AttentionBlock', 'grad_reverse', 'dann_lambda']
+__all__ = ['masked_mean', 'masked_max', 'masked_window_mean', 'MLP', 'EncodedInputs', 'select_layer', 'AttentionBlock',
+           'grad_reverse', 'dann_lambda']
 
 # %% ../nbs/30_layers.ipynb #3c48baad
 def _check_mask(x: torch.Tensor, mask: torch.Tensor):
@@ -26,6 +27,16 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = _check_mask(x, mask).unsqueeze(-1)
     out = x.masked_fill(~m, torch.finfo(x.dtype).min).amax(1)
     return torch.where(m.any(1), out, torch.zeros_like(out))
+
+# %% ../nbs/30_layers.ipynb #af236385
+def masked_window_mean(x: torch.Tensor, mask: torch.Tensor, stride: int):
+    "(B, T, D), (B, T) -> (B, ceil(T / stride), D) and its mask: the mean of the valid positions of each window."
+    if stride <= 1: return x, mask
+    B, T, D = x.shape; pad = (-T) % stride
+    m = nn.functional.pad(mask.to(x.dtype), (0, pad)).view(B, -1, stride)
+    sums = nn.functional.pad(x * mask[..., None].to(x.dtype), (0, 0, 0, pad)).view(B, -1, stride, D).sum(2)
+    counts = m.sum(2)
+    return sums / counts.clamp(min=1)[..., None], counts > 0
 
 # %% ../nbs/30_layers.ipynb #e321ffaf
 class MLP(nn.Sequential):

@@ -19,7 +19,7 @@ from .metrics import confusion
 
 # %% auto #0
 __all__ = ['METRICS', 'collect_runs', 'summarise', 'format_table', 'markdown_table', 'write_table', 'plot_confusion',
-           'plot_curves', 'plot_embedding_panels', 'centroid_distance', 'plot_centroids']
+           'plot_curves', 'plot_embedding_panels', 'centroid_distance', 'plot_centroids', 'plot_layer_weights']
 
 # %% ../nbs/90_report.ipynb #2ccb3c01
 METRICS = ("wa", "ua", "f1_macro", "f1_weighted")
@@ -153,5 +153,23 @@ def plot_centroids(panels: dict, classes, path, title: str) -> Path:
             for g, marker in zip(cents, _MARKERS): ax.scatter(*cents[g][c], marker=marker, s=60, color=colors[c], label=f"{g} · {classes[c]}")
         ax.set(title=f"{name}\nmean same-class distance {centroid_distance(groups, len(classes)):.2f}", xticks=[], yticks=[])
     axes[0][-1].legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+# %% ../nbs/90_report.ipynb #c3f1a2b5
+def plot_layer_weights(weights: dict[int, dict[str, list[float]]], path, title: str, first_layer: int = 1) -> Path:
+    "weights = {fold: {input: [w_l, ...]}} -> one panel per input: mean weight per layer (bars), each fold (lines)."
+    inputs = sorted({m for per in weights.values() for m in per})
+    if not inputs: raise ValueError("no layer weights to plot")
+    fig, axes = plt.subplots(1, len(inputs), figsize=(4.2 * len(inputs), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], inputs):
+        rows = np.array([per[m] for per in weights.values() if m in per], dtype=float)
+        layers = np.arange(first_layer, first_layer + rows.shape[1])
+        ax.bar(layers, rows.mean(0), color="lightsteelblue", label="mean over folds")
+        for fold, per in weights.items():
+            if m in per: ax.plot(layers, per[m], marker="o", lw=1, ms=3, label=f"fold {fold}")
+        ax.axhline(1 / rows.shape[1], color="grey", ls="--", lw=0.8, label="uniform")
+        ax.set(title=m, xlabel="layer", ylabel="weight $w_l$", xticks=layers)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -79,18 +79,22 @@ def test_experiment_notebooks_have_a_parameters_cell():
 def test_every_name_in_params_resolves():
     from mmer.core import MODELS
     from mmer.encoders import ENCODERS
-    import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma  # noqa: F401  (register)
+    import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma, mmer.models.layer_adapter_mf  # noqa: F401  (register)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for modality in ("speech", "text"):
-        name = params["encoders"][modality]["name"]
-        assert name in ENCODERS, f"params.yaml encoders.{modality}.name {name!r} is not a registered offline encoder"
+    for where, encoders in (("encoders", params["encoders"]), ("layer_adapter.encoders", params["layer_adapter"]["encoders"])):
+        for modality in ("speech", "text", "context"):
+            if modality not in encoders: continue
+            name = encoders[modality]["name"]
+            assert name in ENCODERS, f"params.yaml {where}.{modality}.name {name!r} is not a registered offline encoder"
     for section in ("baseline", "fdrl", "mgcma"):
         assert section in MODELS, f"params.yaml section {section!r} has no registered model"
     from mmer.experiment import variant_config
-    for section in ("fdrl", "mgcma"):
+    dims = {"speech": 8, "text": 8, "context": 8}
+    for section, model in (("fdrl", "fdrl"), ("mgcma", "mgcma"), ("layer_adapter", "layer_adapter_mf")):
+        extra = {"num_hidden_states": {m: 3 for m in dims}} if section == "layer_adapter" else {}
         for name, variant in params[section]["variants"].items():
             config = variant_config(params[section], variant or {})
-            MODELS.get(section)(4, {"speech": 8, "text": 8}, config["modalities"], **config["model"])  # every row builds
+            MODELS.get(model)(4, dims, config["modalities"], **extra, **config["model"])  # every row builds
 
 
 def test_package_imports_with_declared_dependencies():

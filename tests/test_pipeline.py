@@ -29,6 +29,8 @@ def small_params() -> dict:
     p["baseline"]["train"]["epochs"] = 2
     p["fdrl"]["train"]["epochs"] = 2
     p["mgcma"]["train"]["epochs"] = 2
+    p["layer_adapter"]["encoders"]["adapt"]["context"]["epochs"] = 1
+    p["layer_adapter"]["train"]["epochs"] = 2
     return p
 
 
@@ -95,6 +97,29 @@ def test_mgcma_tables_and_figures_are_written(project):
     assert (s4["train_dist"] == 0).all() and (s4["train_inst"] == 0).all()        # no module, no alignment loss
 
 
+def test_layer_adapter_tables_figures_and_asr(project):
+    params = small_params()
+    t1 = pd.read_csv(project / "results" / "tables" / "layer_adapter_table1.csv")
+    t2 = pd.read_csv(project / "results" / "tables" / "layer_adapter_table2.csv")
+    assert len(t2) == 16 and (t2["folds"] == 2).all()                                   # every cell of Table II
+    assert set(t1["variant"]) | set(t2["variant"]) == set(params["layer_adapter"]["variants"])
+    md = (project / "results" / "tables" / "layer_adapter_table2.md").read_text()
+    assert "NOT IEMOCAP" in md and "| Speech + Text + Context / MF + LA |" in md and "77.73" in md and "WER" in md
+    assert "SAMS" in (project / "results" / "tables" / "layer_adapter_table1.md").read_text()
+    wer = json.loads((project / "results" / "asr" / "wer.json").read_text())
+    assert 0.2 < wer["overall"]["wer"] < 0.45 and "simulated" in wer["engine"]
+    transcripts = pd.read_csv(project / "data" / "asr" / "transcripts.csv", keep_default_na=False)
+    assert (transcripts["reference"] != transcripts["hypothesis"]).mean() > 0.5
+    for fig in ("layer_adapter_fig2_tsne", "layer_adapter_layer_weights", "layer_adapter_curves"):
+        assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    w = json.loads((project / "results" / "layer_adapter" / "fold1" / "speech_text_context__mf_la" / "layer_weights.json").read_text())
+    assert set(w) == {"speech", "text"} and abs(sum(w["speech"]) - 1) < 1e-5 and len(w["speech"]) == 4   # 4 tiny layers
+    assert not (project / "results" / "layer_adapter" / "fold1" / "speech_text__none" / "layer_weights.json").exists()
+    timing = json.loads((project / "results" / "layer_adapter" / "fold2" / "epoch_timing.json").read_text())
+    assert timing["live_seconds"] > timing["cached_seconds"] > 0
+    assert {"speech.pt", "text.pt", "context.pt"} <= {p.name for p in (project / "data" / "features_la" / "fold1").iterdir()}
+
+
 def test_every_fold_writes_predictions_of_its_own_session_only(project):
     from mmer.data.iemocap import read_iemocap
     df = read_iemocap(project / "data" / "embedded" / "IEMOCAP_full_release", classes=4)
@@ -112,19 +137,46 @@ def test_second_repro_does_nothing(project):
     assert "Running stage" not in out, out
 
 
-def test_finetune_mode_trains_live_encoders_through_papermill(project, tmp_path):
-    "encoders.finetune: true (the papers' setting) fine-tunes fresh encoders with the model instead of reading the cache."
+def finetune_params_file(tmp_path, section: str) -> Path:
+    "The small params with encoders.finetune on (the papers' setting) and one epoch for `section`."
     params = small_params()
     params["encoders"]["finetune"] = True
-    params["fdrl"]["train"]["epochs"] = 1
+    params[section]["train"]["epochs"] = 1
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params, sort_keys=False))
+    return pfile
+
+
+def papermill(project, notebook: str, out, variants=None, **parameters):
+    "Execute nbs/experiments/<notebook> with papermill in `project`, with `parameters` (and a variants list)."
+    cmd = ["papermill", "--no-progress-bar", "-k", "python3", "--language", "python", str(project / "nbs" / "experiments" / notebook), str(out)]
+    for key, value in {**parameters, "progress": False}.items(): cmd += ["-p", key, str(value)]
+    return run(cmd + (["-y", f"variants: {variants}"] if variants else []), project, timeout=600)
+
+
+def test_finetune_mode_trains_live_encoders_through_papermill(project, tmp_path):
+    "encoders.finetune: true (the papers' setting) fine-tunes fresh encoders with the model instead of reading the cache."
     out = tmp_path / "results"
-    run(["papermill", "--no-progress-bar", "-k", "python3", "--language", "python", str(project / "nbs" / "experiments" / "fdrl.ipynb"),
-         str(tmp_path / "fdrl.ipynb"), "-p", "fold", "1", "-p", "params_file", str(pfile), "-p", "features_dir", str(tmp_path / "no_cache"),
-         "-p", "out_dir", str(out), "-p", "runs_dir", str(tmp_path / "runs"), "-y", "variants: [S0]", "-p", "progress", "False"], project, timeout=600)
+    papermill(project, "fdrl.ipynb", tmp_path / "fdrl.ipynb", ["S0"], fold=1, params_file=finetune_params_file(tmp_path, "fdrl"),
+              features_dir=tmp_path / "no_cache", out_dir=out, runs_dir=tmp_path / "runs")
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"S0"} and 0 <= metrics["S0"]["ua"] <= 1
     ckpt = __import__("torch").load(tmp_path / "runs" / "S0" / "checkpoint.pt", weights_only=False)
     assert any(k.startswith("inputs.encoders.speech.") for k in ckpt["model"]), "the live speech encoder is part of the trained model"
     assert any(k.startswith("inputs.encoders.text.") for k in ckpt["model"])
+
+
+def test_layer_adapter_paper_mode_caches_only_the_frozen_context(project, tmp_path):
+    "Fine-tuning (the paper's setting): WavLM and RoBERTa train live with the model, Whisper's states come from the cache."
+    pfile, feats = finetune_params_file(tmp_path, "layer_adapter"), tmp_path / "features"
+    transcripts = project / "data" / "asr" / "transcripts.csv"
+    papermill(project, "encoders.ipynb", tmp_path / "enc.ipynb", fold=1, params_file=pfile, paper="layer_adapter", transcripts=transcripts,
+              out_dir=tmp_path / "enc", features_dir=feats, runs_dir=tmp_path / "encruns")
+    assert sorted(p.name for p in feats.iterdir()) == ["NOT_CACHED.md", "context.pt"]      # the frozen input only
+    out = tmp_path / "results"
+    papermill(project, "layer_adapter.ipynb", tmp_path / "la.ipynb", ["speech_text_context__mf_la"], fold=1, params_file=pfile,
+              features_dir=feats, transcripts=transcripts, out_dir=out, runs_dir=tmp_path / "runs")
+    assert 0 <= json.loads((out / "metrics.json").read_text())["speech_text_context__mf_la"]["ua"] <= 1
+    keys = __import__("torch").load(tmp_path / "runs" / "speech_text_context__mf_la" / "checkpoint.pt", weights_only=False)["model"]
+    assert any(k.startswith("inputs.encoders.speech.") for k in keys) and any(k.startswith("inputs.encoders.text.") for k in keys)
+    assert not any(k.startswith("inputs.encoders.context.") for k in keys)                # Whisper was never run in training

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import register_model
-from ..layers import MLP, AttentionBlock, EncodedInputs, masked_mean, select_layer
+from ..layers import MLP, AttentionBlock, EncodedInputs, masked_mean, masked_window_mean, select_layer
 from ..losses import symmetric_info_nce, wasserstein2_diag
 
 # %% auto #0
-__all__ = ['STAGES', 'DistributionConstructor', 'masked_window_mean', 'DistributionAlignment', 'TokenAlignmentBlock',
-           'TokenAlignment', 'InstanceAlignment', 'check_stages', 'MGCMA', 'MGCMAObjective']
+__all__ = ['STAGES', 'DistributionConstructor', 'DistributionAlignment', 'TokenAlignmentBlock', 'TokenAlignment',
+           'InstanceAlignment', 'check_stages', 'MGCMA', 'MGCMAObjective']
 
 # %% ../../nbs/52_mgcma.ipynb #60d0696e
 class DistributionConstructor(nn.Module):
@@ -30,16 +30,6 @@ class DistributionConstructor(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         concat = self.attention(x, key_mask=mask)
         return self.mu_norm(x + self.mu_branch(concat)), F.softplus(self.sigma_norm(x + self.sigma_branch(concat)))
-
-# %% ../../nbs/52_mgcma.ipynb #af236385
-def masked_window_mean(x: torch.Tensor, mask: torch.Tensor, stride: int):
-    "(B, T, D), (B, T) -> (B, ceil(T / stride), D) and its mask: the mean of the valid positions of each window."
-    if stride <= 1: return x, mask
-    B, T, D = x.shape; pad = (-T) % stride
-    m = F.pad(mask.to(x.dtype), (0, pad)).view(B, -1, stride)
-    sums = F.pad(x * mask[..., None].to(x.dtype), (0, 0, 0, pad)).view(B, -1, stride, D).sum(2)
-    counts = m.sum(2)
-    return sums / counts.clamp(min=1)[..., None], counts > 0
 
 # %% ../../nbs/52_mgcma.ipynb #2cf69500
 def _pooled(seqs: dict, masks: dict) -> dict:
