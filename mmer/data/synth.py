@@ -24,7 +24,7 @@ __all__ = ['EMOTIONS', 'PER_SPEAKER', 'SPOKEN', 'SPEAKERS', 'VOICES', 'DIALOGS',
 
 # %% ../../nbs/10_data_synth.ipynb #db4172a8
 EMOTIONS = ("ang", "hap", "exc", "sad", "neu", "fru", "xxx")
-PER_SPEAKER = dict(ang=10, hap=5, exc=5, sad=10, neu=10, fru=5, xxx=3)
+PER_SPEAKER = dict(ang=8, hap=4, exc=8, sad=8, neu=12, fru=13, xxx=3)   # IEMOCAP's proportions
 SPOKEN = EMOTIONS[:-1]            # emotions with their own prosody and cues; `xxx` borrows one of them
 SPEAKERS = ("F", "M")
 # one espeak voice (language + variant) per session and speaker; variants are checked against the data
