@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #172d7aff
 from __future__ import annotations
-import contextlib, json, os, random, tempfile
+import contextlib, importlib, json, os, random, tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,14 +13,15 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['MODELS', 'register_model', 'Registry', 'seed_everything', 'pick_device', 'fingerprint', 'code_fingerprint',
-           'atomic_path', 'write_text', 'write_json', 'torch_save', 'load_params', 'deep_merge', 'resolve_profile']
+__all__ = ['MODEL_MODULES', 'PAPER_MODULES', 'MODELS', 'register_model', 'PAPERS', 'Registry', 'seed_everything', 'pick_device',
+           'fingerprint', 'code_fingerprint', 'atomic_path', 'write_text', 'write_json', 'torch_save', 'load_params',
+           'deep_merge', 'resolve_profile', 'Paper', 'register_paper']
 
 # %% ../nbs/00_core.ipynb #36bca9de
 class Registry:
     "A named collection of objects (models, encoders, ...) that configuration files refer to by name."
-    def __init__(self, kind: str):
-        self.kind, self._items = kind, {}
+    def __init__(self, kind: str, modules: dict[str, str] | None = None):
+        self.kind, self._items, self.modules = kind, {}, dict(modules or {})
 
     def register(self, name: str) -> Callable:
         "Decorator: `@MODELS.register('baseline')` adds the decorated object under `name`."
@@ -33,19 +34,28 @@ class Registry:
         return _register
 
     def get(self, name: str):
-        "The object registered under `name`; a `KeyError` naming the known ones otherwise."
+        "The object registered under `name` (importing its module first if need be); a `KeyError` naming the known ones otherwise."
+        if name not in self._items and name in self.modules: importlib.import_module(self.modules[name])
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; expected one of {sorted(self._items)}")
+            raise KeyError(f"unknown {self.kind} {name!r}; expected one of {self.names()}")
         return self._items[name]
 
-    def __contains__(self, name): return name in self._items
-    def names(self) -> list[str]: return sorted(self._items)
+    def __contains__(self, name): return name in self._items or name in self.modules
+    def names(self) -> list[str]: return sorted(set(self._items) | set(self.modules))
     def __repr__(self): return f"Registry({self.kind}: {', '.join(self.names())})"
 
-def _qualname(obj) -> str: return getattr(obj, "__qualname__", repr(obj))
+def _qualname(obj) -> str:
+    if hasattr(obj, "section") and hasattr(obj, "build"): return f"paper {obj.section}: {_qualname(obj.build)}"
+    return getattr(obj, "__qualname__", repr(obj))
 
-MODELS = Registry("model")
+# Where each paper's model and experiment entry point are defined (imported on first lookup).
+MODEL_MODULES = {"baseline": "mmer.models.baseline", "fdrl": "mmer.models.fdrl", "mgcma": "mmer.models.mgcma",
+                 "layer_adapter_mf": "mmer.models.layer_adapter_mf"}
+PAPER_MODULES = {"baseline": "mmer.models.baseline", "fdrl": "mmer.models.fdrl", "mgcma": "mmer.models.mgcma",
+                 "layer_adapter": "mmer.models.layer_adapter_mf"}
+MODELS = Registry("model", MODEL_MODULES)
 register_model = MODELS.register
+PAPERS = Registry("paper", PAPER_MODULES)     # params.yaml section -> `mmer.experiment.Paper` (build, after, ...)
 
 # %% ../nbs/00_core.ipynb #8f3b103a
 def seed_everything(seed: int) -> None:
@@ -129,3 +139,21 @@ def resolve_profile(params: dict) -> dict:
     if name != "embedded" and name not in profiles:
         raise KeyError(f"profile {name!r} is not defined under `profiles` in params.yaml (defined: {sorted(profiles)})")
     return {**deep_merge(params, profiles.get(name)), "profile": name}
+
+# %% ../nbs/00_core.ipynb #7c31d2e4
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Paper:
+    "A paper's experiment entry points; see `mmer.experiment` for the signatures."
+    section: str                          # its params.yaml section, e.g. "fdrl"
+    build: Callable                       # build(config, ctx) -> (model, loss_fn, callbacks)
+    after: Callable | None = None         # after(config, result, loaders, ctx) -> dict | None (extra metrics)
+    prepare: Callable | None = None       # prepare(params, fold, **extras) -> (params, split or None)
+    main_variant: str | None = None       # the variant exported as the paper's model
+
+def register_paper(section: str, build: Callable, **kwargs) -> Paper:
+    "Register the paper whose params.yaml section is `section`; returns its `Paper`."
+    paper = Paper(section, build, **kwargs)
+    PAPERS.register(section)(paper)
+    return paper

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from huggingface_hub import constants as hub_constants, try_to_load_from_cache
-from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, AutoTokenizer, BertConfig, BertModel,
-                          RobertaConfig, RobertaModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model,
-                          WavLMConfig, WavLMModel, WhisperConfig, WhisperFeatureExtractor)
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import logging as hf_logging
 
 from .core import Registry, deep_merge
-from .text_tokenizers import train_bpe_tokenizer, train_wordpiece_tokenizer
+
+def _transformers():
+    "The `transformers` package, imported on first use: it costs seconds, and runs on cached features never need it."
+    import transformers
+    return transformers
+
+def _whisper_encoder_class():
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    return WhisperEncoder
 
 # %% auto #0
 __all__ = ['ENCODERS', 'FINGERPRINT_VERSION', 'TINY_WAV2VEC2', 'TINY_WHISPER', 'TINY_TEXT', 'SPEECH_MODEL_TYPES', 'EncoderOutput',
@@ -173,44 +175,49 @@ def _seeded(model_class, config, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return model_class(config).eval()
 
-def _tiny_speech(config_class, model_class):
+def _tiny_speech(config_class: str, model_class: str):
+    "A builder of a tiny `transformers.<model_class>` (named, so that transformers is imported only when it is built)."
     def build(spec: dict, texts=None) -> SpeechEncoder:
-        config = config_class(**deep_merge(TINY_WAV2VEC2, spec.get("config")))
-        fe = Wav2Vec2FeatureExtractor(do_normalize=spec.get("do_normalize", True),
-                                      return_attention_mask=config.feat_extract_norm == "layer")
-        return SpeechEncoder(_seeded(model_class, config, spec.get("seed", 0)), fe, spec)
+        tf = _transformers()
+        config = getattr(tf, config_class)(**deep_merge(TINY_WAV2VEC2, spec.get("config")))
+        fe = tf.Wav2Vec2FeatureExtractor(do_normalize=spec.get("do_normalize", True),
+                                         return_attention_mask=config.feat_extract_norm == "layer")
+        return SpeechEncoder(_seeded(getattr(tf, model_class), config, spec.get("seed", 0)), fe, spec)
     return build
 
-ENCODERS.register("tiny-wav2vec2")(_tiny_speech(Wav2Vec2Config, Wav2Vec2Model))
-ENCODERS.register("tiny-wavlm")(_tiny_speech(WavLMConfig, WavLMModel))
+ENCODERS.register("tiny-wav2vec2")(_tiny_speech("Wav2Vec2Config", "Wav2Vec2Model"))
+ENCODERS.register("tiny-wavlm")(_tiny_speech("WavLMConfig", "WavLMModel"))
 
-def _whisper_feature_extractor(config, **kwargs) -> WhisperFeatureExtractor:
+def _whisper_feature_extractor(config, **kwargs) -> "WhisperFeatureExtractor":
     "The feature extractor whose chunk fills `config.max_source_positions` (2 mel frames of 10 ms each)."
     seconds, rest = divmod(config.max_source_positions * 2 * 160, 16_000)
     if rest: raise ValueError(f"max_source_positions={config.max_source_positions} is not a whole number of seconds (x 50)")
-    return WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=seconds, **kwargs)
+    return _transformers().WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=seconds, **kwargs)
 
 @ENCODERS.register("tiny-whisper")
 def _tiny_whisper(spec: dict, texts=None) -> WhisperSpeechEncoder:
-    config = WhisperConfig(**deep_merge(TINY_WHISPER, spec.get("config")))
+    config = _transformers().WhisperConfig(**deep_merge(TINY_WHISPER, spec.get("config")))
     fe = _whisper_feature_extractor(config, do_normalize=spec.get("do_normalize", False))
-    return WhisperSpeechEncoder(_seeded(WhisperEncoder, config, spec.get("seed", 0)), fe, spec)
+    return WhisperSpeechEncoder(_seeded(_whisper_encoder_class(), config, spec.get("seed", 0)), fe, spec)
 
 # %% ../nbs/20_encoders.ipynb #599bb991
-def _tiny_text(config_class, model_class, train_tokenizer, position_offset: int):
+def _tiny_text(config_class: str, model_class: str, train_tokenizer: str, position_offset: int):
+    "A builder of a tiny `transformers.<model_class>` with a tokenizer from `mmer.text_tokenizers.<train_tokenizer>`."
     def build(spec: dict, texts: list[str] | None = None) -> TextEncoder:
         if not texts:
             raise ValueError(f"encoder {spec['name']!r} trains its tokenizer on the training texts: "
                              f"call build_encoder(spec, texts=training_texts)")
-        tokenizer = train_tokenizer(texts, spec.get("vocab_size", 400))
+        from mmer import text_tokenizers
+        tf = _transformers()
+        tokenizer = getattr(text_tokenizers, train_tokenizer)(texts, spec.get("vocab_size", 400))
         size = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     max_position_embeddings=int(spec.get("max_length", 64)) + position_offset)
-        config = config_class(**deep_merge(TINY_TEXT | size, spec.get("config")))
-        return TextEncoder(_seeded(model_class, config, spec.get("seed", 0)), tokenizer, spec)
+        config = getattr(tf, config_class)(**deep_merge(TINY_TEXT | size, spec.get("config")))
+        return TextEncoder(_seeded(getattr(tf, model_class), config, spec.get("seed", 0)), tokenizer, spec)
     return build
 
-ENCODERS.register("tiny-bert")(_tiny_text(BertConfig, BertModel, train_wordpiece_tokenizer, 0))
-ENCODERS.register("tiny-roberta")(_tiny_text(RobertaConfig, RobertaModel, train_bpe_tokenizer, 2))
+ENCODERS.register("tiny-bert")(_tiny_text("BertConfig", "BertModel", "train_wordpiece_tokenizer", 0))
+ENCODERS.register("tiny-roberta")(_tiny_text("RobertaConfig", "RobertaModel", "train_bpe_tokenizer", 2))
 
 # %% ../nbs/20_encoders.ipynb #063030b0
 SPEECH_MODEL_TYPES = {"wav2vec2", "wav2vec2-conformer", "wavlm", "hubert", "data2vec-audio", "unispeech",
@@ -219,7 +226,7 @@ SPEECH_MODEL_TYPES = {"wav2vec2", "wav2vec2-conformer", "wavlm", "hubert", "data
 def _unavailable(name: str, why: str) -> EncoderUnavailableError:
     return EncoderUnavailableError(
         f"encoder {name!r}: {why}. Looked for a local folder {Path(name).expanduser().resolve()} and in the Hugging "
-        f"Face cache {hub_constants.HF_HUB_CACHE}. Download it on a machine with network (e.g. `hf download {name}`, "
+        f"Face cache {__import__('huggingface_hub').constants.HF_HUB_CACHE}. Download it on a machine with network (e.g. `hf download {name}`, "
         f"then copy the cache here, or set `allow_download: true` in params.yaml), or point params.yaml at a local "
         f"folder written by save_pretrained.")
 
@@ -231,6 +238,7 @@ def _resolve(name: str, allow_download: bool) -> str:
         raise EncoderUnavailableError(f"encoder {name!r}: {folder / 'config.json'} not found; expected a folder written by "
                                       f"save_pretrained (config.json, weights, tokenizer or preprocessor_config.json)")
     if allow_download: return name
+    from huggingface_hub import try_to_load_from_cache
     try: cached = try_to_load_from_cache(name, "config.json")
     except Exception: cached = None                                   # not even a valid repository id
     if not isinstance(cached, str): raise _unavailable(name, "not available offline (allow_download is false)")
@@ -239,6 +247,7 @@ def _resolve(name: str, allow_download: bool) -> str:
 @contextlib.contextmanager
 def _quiet_hf():
     "Hide transformers' progress bars ('Loading weights', 'Writing model shards')."
+    from transformers.utils import logging as hf_logging
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try: yield
@@ -250,22 +259,23 @@ def _load_pretrained(spec: dict, texts=None, source: str | None = None) -> Speec
     "Build an encoder from a local folder or the Hugging Face cache (`source`, default `spec['name']`)."
     name, allow_download = spec["name"], bool(spec.get("allow_download", False))
     src, kw = _resolve(source or name, allow_download), dict(local_files_only=not allow_download)
+    tf = _transformers()
     try:
         with _quiet_hf():
-            config = AutoConfig.from_pretrained(src, **kw)
+            config = tf.AutoConfig.from_pretrained(src, **kw)
             for key in ("layerdrop", "encoder_layerdrop"):   # LayerDrop removes entries of hidden_states: off
                 if hasattr(config, key): setattr(config, key, 0.0)
             for key, value in (spec.get("config") or {}).items(): setattr(config, key, value)
             if config.model_type not in SPEECH_MODEL_TYPES:
-                return TextEncoder(AutoModel.from_pretrained(src, config=config, **kw).eval(),
-                                   AutoTokenizer.from_pretrained(src, **kw), spec)
+                return TextEncoder(tf.AutoModel.from_pretrained(src, config=config, **kw).eval(),
+                                   tf.AutoTokenizer.from_pretrained(src, **kw), spec)
             if config.model_type == "whisper" and "WhisperEncoder" in (config.architectures or []):
-                model = WhisperEncoder.from_pretrained(src, config=config, **kw)
-            else: model = AutoModel.from_pretrained(src, config=config, **kw)
-            try: fe = AutoFeatureExtractor.from_pretrained(src, **kw)
+                model = _whisper_encoder_class().from_pretrained(src, config=config, **kw)
+            else: model = tf.AutoModel.from_pretrained(src, config=config, **kw)
+            try: fe = tf.AutoFeatureExtractor.from_pretrained(src, **kw)
             except OSError:
                 warnings.warn(f"{name}: no preprocessor_config.json, using the default feature extractor")
-                fe = _whisper_feature_extractor(config) if config.model_type == "whisper" else Wav2Vec2FeatureExtractor()
+                fe = _whisper_feature_extractor(config) if config.model_type == "whisper" else tf.Wav2Vec2FeatureExtractor()
     except OSError as e:
         if isinstance(e, EncoderUnavailableError): raise
         raise _unavailable(source or name, f"could not be loaded ({e})") from e

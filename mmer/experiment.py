@@ -4,19 +4,24 @@
 
 # %% ../nbs/39_experiment.ipynb #c0ceb2e3
 from __future__ import annotations
+import importlib, json, os, time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
-from .core import atomic_path, code_fingerprint, deep_merge, fingerprint, seed_everything, write_json
-from .data.corpus import class_names, load_fold
+from .core import (PAPERS, atomic_path, code_fingerprint, deep_merge, fingerprint, load_params, resolve_profile,
+                       seed_everything, write_json)
+from .data.corpus import class_names, describe_data, describe_encoders, load_fold
 from .features import experiment_inputs
-from .train import to_device, train_and_test
+from .train import TrainConfig, to_device, train_and_test
 
 # %% auto #0
-__all__ = ['fold_split', 'variant_config', 'run_variants', 'save_representations']
+__all__ = ['fold_split', 'variant_config', 'VariantContext', 'split_fingerprint', 'run_key', 'resolve_workers', 'run_variants',
+           'run_experiment', 'save_representations']
 
 # %% ../nbs/39_experiment.ipynb #3e720576
 def fold_split(params: dict, fold: int) -> dict:
@@ -30,32 +35,119 @@ def variant_config(section: dict, variant: dict) -> dict:
             "loss": deep_merge(section.get("loss", {}), variant.get("loss")),
             "modalities": variant.get("modalities", ["speech", "text"])}
 
-def run_variants(params: dict, section: str, fold: int, build: Callable, features_dir, out_dir, runs_dir,
-                 epochs=None, variants=None, progress: bool = True, after: Callable | None = None, split: dict | None = None) -> dict:
-    """Train and test every variant of `params[section]` on `fold`; returns {variant: test metrics}.
-    `build(config, dims, encoders) -> (model, loss_fn, callbacks)` with `config` from `variant_config`;
-    `after(name, config, result, loaders) -> dict | None` may add entries to the variant's metrics; `split` replaces
-    the fold's utterance tables (e.g. with ASR transcripts in place of the gold text)."""
+@dataclass
+class VariantContext:
+    "What a paper's `build` and `after` may read besides the variant's configuration."
+    params: dict                      # profile-resolved (and paper-prepared) parameters
+    section: str                      # the paper's params.yaml section
+    name: str                         # the variant's name
+    fold: int
+    classes: list[str]
+    dims: dict[str, int]              # input width per modality
+    num_hidden_states: dict[str, int] # hidden states per modality (cached or live)
+    encoders: dict | None             # live encoders (fine-tuning), else None
+    out_dir: Path                     # this variant's result folder
+    @property
+    def n_classes(self) -> int: return len(self.classes)
+    @property
+    def paper(self) -> dict: return self.params[self.section]
+
+# %% ../nbs/39_experiment.ipynb #3e72057b
+def split_fingerprint(split: dict) -> str:
+    "Fingerprint of the fold's utterance tables: per split, the ids, labels and texts, in order."
+    return fingerprint({s: frame[[c for c in ("utt_id", "label", "text") if c in frame]].to_numpy().tolist()
+                        for s, frame in sorted(split.items())})
+
+def run_key(params: dict, section: str, fold: int, train_cfg: dict, config: dict, split: dict) -> str:
+    "The key of one variant's run: a change to anything it depends on gives another key (no stale resume)."
+    return fingerprint([train_cfg, config, params["data"], params["encoders"], params.get("asr"), fold,
+                        split_fingerprint(split), code_fingerprint()])
+
+# %% ../nbs/39_experiment.ipynb #3e720577
+def resolve_workers(workers, n_tasks: int) -> int:
+    "Worker processes for `n_tasks` variants: an int, or 'auto' / None = CPU cores (1 when CUDA is present)."
+    if workers in (None, "auto"): workers = 1 if torch.cuda.is_available() else (os.cpu_count() or 1)
+    if int(workers) < 1: raise ValueError(f"workers must be >= 1 or 'auto', got {workers!r}")
+    return max(1, min(int(workers), n_tasks))
+
+def _run_variant(task: dict) -> dict:
+    "Train and test one variant (in this process or a worker); returns its metrics and timing."
+    params, section, name, fold = task["params"], task["section"], task["name"], task["fold"]
+    importlib.import_module(task["paper_module"])                 # registers the paper in a fresh worker
+    paper, cfg, split = PAPERS.get(section), task["train_cfg"], task["split"]
+    if cfg.get("threads"): torch.set_num_threads(int(cfg["threads"]))
+    seed_everything(cfg["seed"])
+    config = variant_config(params[section], params[section]["variants"][name] or {})
+    inputs = experiment_inputs(params, split, task["classes"], config["modalities"], cfg["batch_size"], cfg["seed"], task["features_dir"])
+    ctx = VariantContext(params, section, name, fold, task["classes"], inputs.dims, inputs.num_hidden_states, inputs.encoders,
+                         Path(task["out_dir"]) / name)
+    model, loss_fn, callbacks = paper.build(config, ctx)
+    key = run_key(params, section, fold, cfg, config, split)
+    result, metrics = train_and_test(model, inputs.loaders, Path(task["runs_dir"]) / name, ctx.out_dir, cfg, key, loss_fn, callbacks)
+    if paper.after is not None: metrics.update(paper.after(config, result, inputs.loaders, ctx) or {})
+    return {"name": name, "metrics": metrics, "seconds": round(result.seconds, 2), "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch, "resumed_from": result.resumed_from}
+
+def _pool(workers: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mmer.experiment"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs=None, variants=None,
+                 progress: bool = True, workers=None, split: dict | None = None) -> dict:
+    """Train and test every variant of `params[section]` (or those in `variants`) on `fold`; returns {variant: test
+    metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text)."""
+    from tqdm.auto import tqdm
     sec, classes = params[section], class_names(params)
-    split = fold_split(params, fold) if split is None else split
-    cfg = {**params["train"], **sec["train"], "progress": progress}
-    if epochs: cfg["epochs"] = int(epochs)
     unknown = sorted(set(variants or []) - set(sec["variants"]))
     if unknown: raise KeyError(f"variants {unknown} are not in params.yaml {section}.variants ({sorted(sec['variants'])})")
-    summary = {}
-    for name, variant in sec["variants"].items():
-        if variants and name not in variants: continue
-        seed_everything(cfg["seed"])
-        config = variant_config(sec, variant or {})
-        loaders, dims, encoders = experiment_inputs(params, split, classes, config["modalities"], cfg["batch_size"], cfg["seed"], features_dir)
-        model, loss_fn, callbacks = build(config, dims, encoders)
-        key = fingerprint([cfg, config, params["data"], params["encoders"], fold, code_fingerprint()])
-        result, metrics = train_and_test(model, loaders, Path(runs_dir) / name, Path(out_dir) / name, cfg, key, loss_fn, callbacks)
-        if after is not None: metrics.update(after(name, config, result, loaders) or {})
-        summary[name] = metrics
-        print(f"{section} fold {fold} {name:20s} test UA {metrics['ua']:.3f}  WA {metrics['wa']:.3f}")
+    names = [n for n in sec["variants"] if not variants or n in variants]
+    workers = resolve_workers(params["train"].get("workers", "auto") if workers is None else workers, len(names))
+    cfg = {k: v for k, v in {**params["train"], **sec["train"], "progress": progress and workers == 1}.items() if k != "workers"}
+    if epochs: cfg["epochs"] = int(epochs)
+    if not cfg.get("threads") and workers > 1: cfg["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    split = fold_split(params, fold) if split is None else split
+    module = PAPERS.get(section).build.__module__
+    if workers > 1 and module == "__main__":
+        raise ValueError(f"paper {section!r} is defined in __main__ (a notebook or script), which worker processes cannot "
+                         f"import: register it in a module, or run with workers=1")
+    tasks = [dict(params=params, section=section, name=n, fold=fold, classes=classes, train_cfg=cfg, split=split,
+                  features_dir=features_dir, out_dir=str(out_dir), runs_dir=str(runs_dir), paper_module=module) for n in names]
+    start, done = time.perf_counter(), {}
+    bar = tqdm(total=len(tasks), desc=f"{section} fold {fold}", disable=not progress or workers == 1, unit="variant")
+    if workers == 1:
+        for task in tasks: done[task["name"]] = _run_variant(task)
+    else:
+        with _pool(workers) as pool:
+            run_one = importlib.import_module("mmer.experiment")._run_variant   # the module's, picklable by name (not a notebook copy)
+            futures = {pool.submit(run_one, t): t["name"] for t in tasks}
+            from concurrent.futures import as_completed
+            for future in as_completed(futures):
+                try: done[futures[future]] = future.result()
+                except Exception as e: raise RuntimeError(f"{section} fold {fold}, variant {futures[future]!r} failed: {e}") from e
+                bar.update()
+    bar.close()
+    summary = {n: done[n]["metrics"] for n in names}
+    for n in names:
+        m = summary[n]
+        print(f"{section} fold {fold} {n:28s} test UA {m['ua']:.3f}  WA {m['wa']:.3f}" if "ua" in m else f"{section} fold {fold} {n}: {m}")
     write_json(Path(out_dir) / "metrics.json", summary)
+    if os.environ.get("MMER_TIMING_DETAILS"):
+        write_json(os.environ["MMER_TIMING_DETAILS"], {"section": section, "fold": fold, "workers": workers,
+                   "threads": cfg.get("threads"), "seconds": round(time.perf_counter() - start, 2),
+                   "variants": {n: {k: done[n][k] for k in ("seconds", "epochs_run", "best_epoch", "resumed_from")} for n in names}})
     return summary
+
+# %% ../nbs/39_experiment.ipynb #3e72057f
+def run_experiment(section: str, fold: int, features_dir, out_dir, runs_dir, params_file="params.yaml", epochs=None,
+                   variants=None, progress: bool = True, workers=None, **extras) -> dict:
+    "Run `section`'s variants on `fold` as configured in `params_file`; `extras` go to the paper's `prepare`."
+    params, paper = resolve_profile(load_params(params_file)), PAPERS.get(section)
+    params, split = paper.prepare(params, fold, **extras) if paper.prepare else (params, None)
+    print(describe_data(params)); print(describe_encoders(params), f"Profile: {params['profile']}.")
+    return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split)
 
 # %% ../nbs/39_experiment.ipynb #a5e1d0c2
 @torch.no_grad()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,25 +21,32 @@ from .encoders import EncoderOutput, encoder_fingerprint
 
 # %% auto #0
 __all__ = ['UtteranceDataset', 'raw_collate', 'cache_hidden_states', 'FeatureStore', 'CachedDataset', 'cached_collate',
-           'cached_loader', 'split_loaders', 'experiment_inputs']
+           'cached_loader', 'LengthBucketSampler', 'padding_fraction', 'split_loaders', 'Inputs', 'open_store',
+           'experiment_inputs']
 
 # %% ../nbs/22_features.ipynb #3388eb23
 class UtteranceDataset(Dataset):
     "Utterances of `df` (columns utt_id, label, wav, text) as dicts of waveform, text and class index."
     def __init__(self, df: pd.DataFrame, classes: list[str], crop_seconds: float | None = None,
-                 sample_rate: int = 16000, seed: int = 0):
+                 sample_rate: int = 16000, seed: int = 0, max_seconds: float | None = None):
         self.df, self.classes, self.sample_rate = df.reset_index(drop=True), list(classes), sample_rate
         self.labels = label_to_index(self.df["label"], self.classes)
         self.crop = int(crop_seconds * sample_rate) if crop_seconds else None
-        self.rng = np.random.default_rng(seed)
+        self.max_samples = int(max_seconds * sample_rate) if max_seconds else None
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        "Crops of epoch `epoch` (called by `fit`): a function of (seed, epoch, index) only."
+        self.epoch = int(epoch)
 
     def __len__(self): return len(self.df)
 
     def __getitem__(self, i):
         row = self.df.iloc[i]
         wave = load_wav(row["wav"], self.sample_rate)
+        if self.max_samples: wave = wave[:self.max_samples]
         if self.crop and len(wave) > self.crop:
-            start = int(self.rng.integers(0, len(wave) - self.crop + 1))
+            start = int(np.random.default_rng([self.seed, self.epoch, i]).integers(0, len(wave) - self.crop + 1))
             wave = wave[start:start + self.crop]
         return {"utt_id": row["utt_id"], "label": int(self.labels[i]), "wave": torch.from_numpy(wave), "text": row["text"]}
 
@@ -128,13 +136,53 @@ def cached_loader(df, classes, stores, batch_size=16, shuffle=False, seed=0) -> 
     return DataLoader(CachedDataset(df, classes, stores), batch_size=batch_size, shuffle=shuffle,
                       collate_fn=lambda b: cached_collate(b, stores), generator=torch.Generator().manual_seed(seed))
 
+# %% ../nbs/22_features.ipynb #5b1e0a02
+class LengthBucketSampler(torch.utils.data.Sampler):
+    "Batches of indices (lists) of utterances with similar `lengths`; every index once per epoch, seeded by (seed, epoch)."
+    def __init__(self, lengths, batch_size: int, seed: int = 0, bucket_batches: int = 50, shuffle: bool = True):
+        self.lengths, self.batch_size = np.asarray(lengths, dtype=float), int(batch_size)
+        if self.lengths.ndim != 1 or not len(self.lengths): raise ValueError(f"lengths: expected a non-empty 1-D sequence, got shape {self.lengths.shape}")
+        if self.batch_size < 1 or bucket_batches < 1: raise ValueError(f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}")
+        self.seed, self.bucket, self.shuffle, self.epoch = seed, self.batch_size * int(bucket_batches), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None: self.epoch = int(epoch)
+
+    def batches(self) -> list[list[int]]:
+        "This epoch's batches."
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        out = []
+        for start in range(0, len(order), self.bucket):
+            chunk = order[start:start + self.bucket]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            out += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        return [out[i] for i in rng.permutation(len(out))] if self.shuffle else out
+
+    def __iter__(self): return iter(self.batches())
+    def __len__(self):
+        full, rest = divmod(len(self.lengths), self.bucket)
+        return full * (self.bucket // self.batch_size) + -(-rest // self.batch_size)
+
+def padding_fraction(lengths, batches) -> float:
+    "Share of the padded (batch x longest) area that is padding, over `batches` (lists of indices into `lengths`)."
+    lengths = np.asarray(lengths, dtype=float)
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    return float(1 - sum(lengths[b].sum() for b in batches) / padded)
+
 # %% ../nbs/22_features.ipynb #6932f58f
 def _add_cached(batch: dict, stores: dict | None) -> dict:
     for name, store in (stores or {}).items(): batch[name] = store.batch(batch["utt_id"])
     return batch
 
+def _durations(frame: pd.DataFrame) -> np.ndarray:
+    "Seconds of each utterance: from the start/end times when the table has them, else from the audio headers."
+    if {"start", "end"} <= set(frame.columns): return (frame["end"] - frame["start"]).to_numpy(float)
+    import soundfile as sf
+    return np.array([sf.info(p).duration for p in frame["wav"]])
+
 def split_loaders(split: dict, classes, batch_size: int, seed: int = 0, stores: dict | None = None,
-                  encoders: dict | None = None, crop_seconds: float | None = None) -> dict[str, DataLoader]:
+                  encoders: dict | None = None, crop_seconds: float | None = None,
+                  max_seconds: float | None = None, bucket: bool = True) -> dict[str, DataLoader]:
     """{'train', 'val', 'test'} -> DataLoader: from cached `stores`, from raw audio and text for live `encoders`,
     or both (live encoders for the modalities being trained, the cache for the frozen ones)."""
     if not stores and not encoders: raise ValueError("give cached feature `stores`, live `encoders`, or both")
@@ -147,24 +195,49 @@ def split_loaders(split: dict, classes, batch_size: int, seed: int = 0, stores: 
             out[name] = cached_loader(frame, classes, stores, batch_size=batch_size, shuffle=train, seed=seed)
             continue
         tokenize = encoders["text"].tokenize if "text" in encoders else None
-        ds = UtteranceDataset(frame, classes, crop_seconds=crop_seconds if train and "speech" in encoders else None, seed=seed)
-        out[name] = DataLoader(ds, batch_size=batch_size, shuffle=train, collate_fn=lambda b, t=tokenize: _add_cached(raw_collate(b, t), stores),
-                               generator=torch.Generator().manual_seed(seed))
+        crop = crop_seconds if train and "speech" in encoders else None
+        ds = UtteranceDataset(frame, classes, crop_seconds=crop, seed=seed, max_seconds=max_seconds)
+        collate = lambda b, t=tokenize: _add_cached(raw_collate(b, t), stores)
+        if train and bucket:
+            seconds = np.minimum(_durations(frame), min(s for s in (crop, max_seconds, np.inf) if s))
+            out[name] = DataLoader(ds, batch_sampler=LengthBucketSampler(seconds, batch_size, seed), collate_fn=collate)
+        else:
+            out[name] = DataLoader(ds, batch_size=batch_size, shuffle=train, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
     return out
 
 # %% ../nbs/22_features.ipynb #78ee79b8
+class Inputs(NamedTuple):
+    "A variant's inputs: loaders, width and number of hidden states per modality, live encoders (or None)."
+    loaders: dict
+    dims: dict
+    encoders: dict | None
+    num_hidden_states: dict
+
+_STORES: dict = {}
+
+def open_store(path, fingerprint: str | None = None) -> FeatureStore:
+    "A `FeatureStore`, loaded once per process and file version (every variant of a fold reads the same caches)."
+    path = Path(path)
+    if not path.exists(): return FeatureStore(path, fingerprint)              # the clear error
+    version = (path.stat().st_mtime_ns, path.stat().st_size, fingerprint)
+    cached = _STORES.get(str(path.resolve()))
+    if cached is None or cached[0] != version: _STORES[str(path.resolve())] = cached = (version, FeatureStore(path, fingerprint))
+    return cached[1]
+
 def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size: int, seed: int = 0,
-                      features_dir=None) -> tuple[dict, dict, dict | None]:
-    "(loaders, {modality: width}, live encoders or None) for one variant: cached, fine-tuned, or both (frozen ones cached)."
+                      features_dir=None) -> Inputs:
+    "Loaders, widths, numbers of hidden states and live encoders for one variant: cached, fine-tuned, or both (frozen ones cached)."
     from mmer.encoders import build_encoder
     enc = params["encoders"]
     frozen = set(enc.get("frozen") or [])
     cached = [m for m in modalities if not enc.get("finetune", False) or m in frozen]
     if cached and features_dir is None: raise ValueError(f"the inputs {cached} are read from the feature cache: give `features_dir`")
-    stores = {m: FeatureStore(Path(features_dir) / f"{m}.pt", fingerprint=encoder_fingerprint(enc[m])) for m in cached}
+    stores = {m: open_store(Path(features_dir) / f"{m}.pt", fingerprint=encoder_fingerprint(enc[m])) for m in cached}
     live = [m for m in modalities if m not in stores]
-    if not live: return split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None
+    hidden = {m: s.num_hidden_states for m, s in stores.items()}
+    if not live: return Inputs(split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None, hidden)
     texts = list(split["train"]["text"])
     encoders = {m: build_encoder(enc[m], texts=texts if m == "text" else None) for m in live}
-    loaders = split_loaders(split, classes, batch_size, seed, stores=stores, encoders=encoders, crop_seconds=enc["adapt"]["crop_seconds"])
-    return loaders, {m: stores[m].dim if m in stores else encoders[m].dim for m in modalities}, encoders
+    loaders = split_loaders(split, classes, batch_size, seed, stores=stores, encoders=encoders, max_seconds=enc.get("max_seconds"))
+    hidden.update({m: e.num_hidden_states for m, e in encoders.items()})
+    return Inputs(loaders, {m: stores[m].dim if m in stores else encoders[m].dim for m in modalities}, encoders, hidden)

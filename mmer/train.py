@@ -5,7 +5,7 @@
 # %% ../nbs/38_train.ipynb #200a9be8
 from __future__ import annotations
 import inspect, logging, time
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from typing import Callable
 
@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import pick_device, seed_everything, torch_save, write_json, atomic_path
+from .core import pick_device, seed_everything, torch_save, atomic_path, write_json
 from .encoders import EncoderOutput
 from .metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TrainConfig', 'TrainState', 'to_device', 'cross_entropy_loss', 'predict', 'score', 'FitResult', 'fit',
-           'save_predictions', 'train_and_test']
+__all__ = ['log', 'TrainConfig', 'TrainState', 'to_device', 'cross_entropy_loss', 'predict', 'score', 'evaluate_classification',
+           'FitResult', 'set_epoch', 'fit', 'save_predictions', 'train_and_test']
 
 # %% ../nbs/38_train.ipynb #b3cbdd9e
 @dataclass
@@ -37,24 +37,34 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_fraction: float = 0.1
     select_metric: str = "ua"
+    select_mode: str = "max"           # max: higher is better (UA); min: lower is better (MAE)
+    patience: int | None = None        # stop after this many epochs without a better validation score (None: never)
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"      # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     resume: bool = True
+    checkpoint_seconds: float = 30.0   # save a checkpoint at most this often (and always after the last epoch)
     progress: bool = True
-    threads: int | None = None   # torch CPU threads; 1 is fastest for tiny models on cached features
+    threads: int | None = None         # torch CPU threads; 1 is fastest for tiny models on cached features
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d or {}) - known)
         if unknown: raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**(d or {}))
+        cfg = cls(**(d or {}))
+        if cfg.select_mode not in ("max", "min"): raise ValueError(f"select_mode must be max or min, got {cfg.select_mode!r}")
+        if cfg.patience is not None and cfg.patience < 1: raise ValueError(f"patience must be >= 1 or None, got {cfg.patience}")
+        return cfg
 
     def use_bf16(self, device: torch.device) -> bool:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+
+    def better(self, score: float, best: float) -> bool:
+        "Whether validation `score` beats `best` in the direction of `select_mode`."
+        return score > best if self.select_mode == "max" else score < best
 
 @dataclass
 class TrainState:
@@ -62,6 +72,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     total_steps: int = 1
+    stopped: bool = False              # early stopping ended the run
     @property
     def progress(self) -> float: return min(1.0, self.step / max(1, self.total_steps))
 
@@ -81,27 +92,42 @@ def cross_entropy_loss(outputs: dict, batch: dict, state: TrainState | None = No
     return loss, {"ce": loss.detach()}
 
 # %% ../nbs/38_train.ipynb #94cf3ab9
-def _call(model, batch, state):
+def _caller(model) -> Callable:
+    "A function (batch, state) -> outputs that passes `state` only to models whose forward takes it."
     takes_state = "state" in inspect.signature(model.forward).parameters
-    return model(batch, state=state) if takes_state else model(batch)
+    return (lambda batch, state: model(batch, state=state)) if takes_state else (lambda batch, state: model(batch))
+
+def _check_finite(values: torch.Tensor, utt_ids, what: str = "logits"):
+    bad = ~torch.isfinite(values).reshape(len(values), -1).all(1)
+    if bad.any():
+        ids = [u for u, b in zip(utt_ids, bad.tolist()) if b]
+        raise FloatingPointError(f"non-finite {what} (NaN or inf) for {len(ids)} utterance(s), e.g. {ids[:5]}; "
+                                 f"the model diverged or an input holds NaN/inf")
 
 @torch.no_grad()
 def predict(model, loader, device=None, bf16: bool = False, state: TrainState | None = None) -> pd.DataFrame:
     "Predictions of `model` on `loader`: columns utt_id, y_true, y_pred, prob_0 .. prob_{C-1}."
     device = device or next(model.parameters()).device
-    model.eval(); rows = []
+    model.eval(); call, state = _caller(model), state or TrainState()
+    ids, labels, probs = [], [], []
     for batch in loader:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = _call(model, batch, state or TrainState())["logits"].float()
-        probs = logits.softmax(-1).cpu().numpy()
-        for u, y, p in zip(batch["utt_id"], batch["label"].tolist(), probs):
-            rows.append({"utt_id": u, "y_true": y, "y_pred": int(p.argmax()), **{f"prob_{c}": float(v) for c, v in enumerate(p)}})
-    return pd.DataFrame(rows)
+            logits = call(batch, state)["logits"].float()
+        _check_finite(logits, batch["utt_id"])
+        ids += list(batch["utt_id"]); labels.append(batch["label"].cpu()); probs.append(logits.softmax(-1).cpu())
+    p = torch.cat(probs).numpy()
+    frame = pd.DataFrame({"utt_id": ids, "y_true": torch.cat(labels).numpy(), "y_pred": p.argmax(1)})
+    return pd.concat([frame, pd.DataFrame(p, columns=[f"prob_{c}" for c in range(p.shape[1])])], axis=1)
 
 def score(predictions: pd.DataFrame) -> dict:
     "WA, UA and F1s of a predictions frame."
     return classification_metrics(predictions["y_true"].to_numpy(), predictions["y_pred"].to_numpy())
+
+def evaluate_classification(model, loader, device=None, bf16: bool = False, state: TrainState | None = None):
+    "(predictions, metrics) of a classifier on `loader`: the default `evaluate` of `fit`."
+    predictions = predict(model, loader, device, bf16, state)
+    return predictions, score(predictions)
 
 # %% ../nbs/38_train.ipynb #2c19dff6
 @dataclass
@@ -111,21 +137,43 @@ class FitResult:
     best_epoch: int
     best_score: float
     resumed_from: int | None = None
+    seconds: float = 0.0               # wall time of this call
+    epochs_run: int = 0                # epochs trained by this call (0 for a finished run)
 
 def _optimizer(model, cfg: TrainConfig):
     groups = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups = [g for g in groups if len(list(g["params"]))]
     if not groups: raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 def _schedule(opt, total: int, warmup_fraction: float):
     warm = max(1, int(total * warmup_fraction))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
+def set_epoch(loader, epoch: int, seed: int = 0) -> None:
+    "Make `loader`'s randomness a function of (`seed`, `epoch`): its shuffling generator, its dataset's and batch sampler's `set_epoch`."
+    if getattr(loader, "generator", None) is not None: loader.generator.manual_seed(seed + epoch)
+    for part in (getattr(loader, "dataset", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(part, "set_epoch"): part.set_epoch(epoch)
+
+def _load_checkpoint(path: Path, run_key: str | None, resume: bool, device):
+    "The checkpoint at `path` if it may be resumed (same non-empty run key), else None."
+    if not (resume and path.exists()): return None
+    if not run_key:
+        log.warning("%s: no run key given, so the checkpoint cannot be matched to a configuration; starting afresh", path)
+        return None
+    ckpt = torch.load(path, weights_only=False, map_location=device)
+    if ckpt.get("run_key") != run_key:
+        log.warning("%s: checkpoint belongs to another configuration (%r != %r); starting afresh", path, ckpt.get("run_key"), run_key)
+        return None
+    return ckpt
+
 def fit(model: nn.Module, train_loader, val_loader, out_dir, config: TrainConfig | dict | None = None,
-        loss_fn: Callable = cross_entropy_loss, callbacks=(), run_key: str = "") -> FitResult:
+        loss_fn: Callable = cross_entropy_loss, callbacks=(), run_key: str | None = None,
+        evaluate: Callable = evaluate_classification) -> FitResult:
     """Train `model` on `train_loader`, select on `val_loader`, checkpoint to `out_dir`; returns the best model.
-    `run_key` identifies the run's configuration: a checkpoint saved under another key is not resumed."""
+    `run_key` identifies the run's configuration: only a checkpoint saved under the same key is resumed."""
+    start = time.perf_counter()
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device); bf16 = cfg.use_bf16(device)
@@ -133,74 +181,83 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir, config: TrainConfig
     seed_everything(cfg.seed)
     model.to(device)
     opt = _optimizer(model, cfg)
+    params = [p for g in opt.param_groups for p in g["params"]]
     state = TrainState(total_steps=cfg.epochs * len(train_loader))
     sched = _schedule(opt, state.total_steps, cfg.warmup_fraction)
-    history, best, resumed_from = [], {"score": -np.inf, "epoch": -1, "weights": None}, None
-    ckpt_path = out_dir / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
-    else: ckpt = None
-    if ckpt is not None and ckpt.get("run_key", "") != run_key:
-        log.warning("%s: checkpoint belongs to another configuration (%r != %r); starting afresh", ckpt_path, ckpt.get("run_key"), run_key)
-        ckpt = None
-    if ckpt is not None:
+    history, best, resumed_from = [], {"score": -np.inf if cfg.select_mode == "max" else np.inf, "epoch": -1, "weights": None}, None
+    ckpt_path, call = out_dir / "checkpoint.pt", _caller(model)
+    if (ckpt := _load_checkpoint(ckpt_path, run_key, cfg.resume, device)) is not None:
         model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"]); sched.load_state_dict(ckpt["scheduler"])
         history, best, state = ckpt["history"], ckpt["best"], TrainState(**ckpt["state"])
         for cb in callbacks:
-            if hasattr(cb, "load_state_dict") and "callbacks" in ckpt: cb.load_state_dict(ckpt["callbacks"].get(type(cb).__name__, {}))
+            if hasattr(cb, "load_state_dict"): cb.load_state_dict(ckpt["callbacks"].get(type(cb).__name__, {}))
         resumed_from = state.epoch
         log.info("%s: resuming after epoch %d", ckpt_path, state.epoch)
-    bar = tqdm(range(state.epoch, cfg.epochs), desc=out_dir.name, disable=not cfg.progress, initial=state.epoch, total=cfg.epochs)
+
+    def save():
+        torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "history": history, "best": best, "state": asdict(state), "run_key": run_key,
+                    "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}}, ckpt_path)
+        with atomic_path(out_dir / "history.csv") as tmp: pd.DataFrame(history).to_csv(tmp, index=False)
+
+    first_epoch, last_save = state.epoch, time.perf_counter()
+    bar = tqdm(range(state.epoch, 0 if state.stopped else cfg.epochs), desc=out_dir.name, disable=not cfg.progress,
+               initial=state.epoch, total=cfg.epochs)
     for epoch in bar:
-        seed_everything(cfg.seed + epoch)
-        if getattr(train_loader, "generator", None) is not None: train_loader.generator.manual_seed(cfg.seed + epoch)
-        model.train(); t0, sums, n = time.time(), {}, 0
+        seed_everything(cfg.seed + epoch); set_epoch(train_loader, epoch, cfg.seed)
+        model.train(); sums, n = {}, 0
         for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress):
             batch = to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = _call(model, batch, state)
+                outputs = call(batch, state)
                 loss, terms = loss_fn(outputs, batch, state)
             if not torch.isfinite(loss): raise FloatingPointError(f"{out_dir}: loss became {loss.item()} at epoch {epoch + 1}, step {state.step}")
             opt.zero_grad(set_to_none=True); loss.backward()
-            if cfg.grad_clip: nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            if cfg.grad_clip: nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
             opt.step(); sched.step(); state.step += 1
             k = len(batch["label"]); n += k
             for name, v in {"loss": loss.detach(), **terms}.items(): sums[name] = sums.get(name, 0.0) + float(v) * k
         state.epoch = epoch + 1
-        val = score(predict(model, val_loader, device, bf16, state))
+        _, val = evaluate(model, val_loader, device, bf16, state)
         record = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
-                  **{f"val_{k}": v for k, v in val.items()}, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0}
+                  **{f"val_{k}": v for k, v in val.items()}, "lr": sched.get_last_lr()[0]}
         for cb in callbacks:
             if hasattr(cb, "on_epoch_end"): cb.on_epoch_end(model, state, record)
         history.append(record)
-        if val[cfg.select_metric] > best["score"]:
+        if cfg.better(val[cfg.select_metric], best["score"]):
             best = {"score": val[cfg.select_metric], "epoch": epoch + 1,
                     "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "history": history, "best": best, "state": asdict(state), "run_key": run_key,
-                    "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}}, ckpt_path)
-        hist = pd.DataFrame(history)
-        with atomic_path(out_dir / "history.csv") as tmp: hist.to_csv(tmp, index=False)
+        state.stopped = cfg.patience is not None and state.epoch - best["epoch"] >= cfg.patience and state.epoch < cfg.epochs
+        if state.stopped or state.epoch == cfg.epochs or time.perf_counter() - last_save >= cfg.checkpoint_seconds:
+            save(); last_save = time.perf_counter()
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", **{f"val_{cfg.select_metric}": f"{val[cfg.select_metric]:.3f}"})
+        if state.stopped:
+            log.info("%s: no better validation %s for %d epochs; stopped after epoch %d (best %d)", out_dir,
+                     cfg.select_metric, cfg.patience, state.epoch, best["epoch"])
+            break
     if best["weights"] is None: raise ValueError(f"{out_dir}: no epoch was trained (epochs={cfg.epochs})")
     model.load_state_dict(best["weights"])
-    return FitResult(model, pd.DataFrame(history), best["epoch"], best["score"], resumed_from)
+    return FitResult(model, pd.DataFrame(history), best["epoch"], best["score"], resumed_from,
+                     time.perf_counter() - start, state.epoch - first_epoch)
 
 # %% ../nbs/38_train.ipynb #f8101ec1
-def save_predictions(predictions: pd.DataFrame, out_dir, name: str = "test", extra: dict | None = None) -> dict:
-    "Write `<name>_predictions.csv` and `<name>_metrics.json` to `out_dir`; returns the metrics."
-    out_dir = Path(out_dir); metrics = {**score(predictions), "n": len(predictions), **(extra or {})}
+def save_predictions(predictions: pd.DataFrame, out_dir, name: str = "test", extra: dict | None = None,
+                     metrics: dict | None = None) -> dict:
+    "Write `<name>_predictions.csv` and `<name>_metrics.json` (`metrics`, default `score(predictions)`) to `out_dir`."
+    out_dir = Path(out_dir); metrics = {**(score(predictions) if metrics is None else metrics), "n": len(predictions), **(extra or {})}
     with atomic_path(out_dir / f"{name}_predictions.csv") as tmp: predictions.to_csv(tmp, index=False, float_format="%.5f")
     write_json(out_dir / f"{name}_metrics.json", metrics)
     return metrics
 
 # %% ../nbs/38_train.ipynb #bdeb9717
-def train_and_test(model, loaders: dict, run_dir, result_dir, config, run_key: str = "",
-                   loss_fn: Callable = cross_entropy_loss, callbacks=()) -> tuple[FitResult, dict]:
+def train_and_test(model, loaders: dict, run_dir, result_dir, config, run_key: str | None = None,
+                   loss_fn: Callable = cross_entropy_loss, callbacks=(), evaluate: Callable = evaluate_classification
+                   ) -> tuple[FitResult, dict]:
     "`fit` on loaders['train'] / ['val'], then score loaders['test']; results and history go to `result_dir`."
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    result = fit(model, loaders["train"], loaders["val"], run_dir, cfg, loss_fn, callbacks, run_key)
-    metrics = save_predictions(predict(result.model, loaders["test"]), result_dir,
+    result = fit(model, loaders["train"], loaders["val"], run_dir, cfg, loss_fn, callbacks, run_key, evaluate)
+    predictions, metrics = evaluate(result.model, loaders["test"])
+    metrics = save_predictions(predictions, result_dir, metrics=metrics,
                                extra={"best_epoch": result.best_epoch, f"val_{cfg.select_metric}": result.best_score})
     with atomic_path(Path(result_dir) / "history.csv") as tmp: result.history.to_csv(tmp, index=False)
     return result, metrics

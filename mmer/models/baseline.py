@@ -11,7 +11,7 @@ from ..core import register_model
 from ..layers import MLP, EncodedInputs, masked_mean, select_layer
 
 # %% auto #0
-__all__ = ['ConcatBaseline']
+__all__ = ['PAPER', 'ConcatBaseline', 'build']
 
 # %% ../../nbs/50_baseline.ipynb #c1ea3cf1
 @register_model("baseline")
@@ -30,3 +30,13 @@ class ConcatBaseline(nn.Module):
     def forward(self, batch: dict) -> dict:
         pooled = {m: masked_mean(select_layer(out := self.inputs(batch, m), self.layer), out.mask) for m in self.modalities}
         return {"logits": self.classifier(self.dropout(torch.cat([pooled[m] for m in self.modalities], -1))), "pooled": pooled}
+
+# %% ../../nbs/50_baseline.ipynb #b5e11a02
+from ..core import register_paper
+from ..train import cross_entropy_loss
+
+def build(config: dict, ctx) -> tuple:
+    "The baseline for one variant (`config` from `variant_config`, `ctx` a `VariantContext`): model, loss, callbacks."
+    return ConcatBaseline(ctx.n_classes, ctx.dims, config["modalities"], encoders=ctx.encoders, **config["model"]), cross_entropy_loss, ()
+
+PAPER = register_paper("baseline", build, main_variant="fused")

@@ -15,7 +15,7 @@ from ..layers import MLP, AttentionBlock, EncodedInputs, dann_lambda, grad_rever
 from ..losses import a_distance, domain_cross_entropy, dynamic_factor, local_discriminator_losses, orthogonality_loss
 
 # %% auto #0
-__all__ = ['fdrl_switches', 'FDRL', 'fdrl_terms', 'fdrl_loss', 'FDRLObjective']
+__all__ = ['PAPER', 'fdrl_switches', 'FDRL', 'fdrl_terms', 'fdrl_loss', 'FDRLObjective', 'build', 'after']
 
 # %% ../../nbs/51_fdrl.ipynb #24564615
 def fdrl_switches(modalities, use_alignment=True, use_disparity=True, use_global_disc=True, use_local_disc=True,
@@ -151,3 +151,22 @@ class FDRLObjective:
 
     def state_dict(self) -> dict: return {"mu": self.mu}
     def load_state_dict(self, d: dict): self.mu = float(d.get("mu", self.mu))
+
+# %% ../../nbs/51_fdrl.ipynb #f0e11a02
+from ..core import register_paper
+
+def build(config: dict, ctx) -> tuple:
+    "FDRL for one variant (`config` from `variant_config`, `ctx` a `VariantContext`) and its objective, also its callback."
+    model = FDRL(ctx.n_classes, ctx.dims, config["modalities"], encoders=ctx.encoders, **config["model"])
+    objective = FDRLObjective(**config["loss"])
+    return model, objective, [objective]
+
+def after(config: dict, result, loaders: dict, ctx) -> dict:
+    "The final mu; on the figure fold, S_i and P_i (Eq. 3) of every test utterance for Fig. 3."
+    from mmer.experiment import save_representations
+    if ctx.fold == ctx.paper["figure_fold"] and ctx.name in ctx.paper["figure_variants"]:
+        save_representations(result.model, loaders["test"], ctx.out_dir / "representations.npz",
+                             lambda out: {f"{kind}_{m}": v for kind in ("shared", "private") for m, v in out[kind].items()})
+    return {"final_mu": float(result.history["mu"].iloc[-1])}
+
+PAPER = register_paper("fdrl", build, after=after, main_variant="S0")

@@ -14,7 +14,7 @@ from ..encoders import freeze
 from ..layers import AttentionBlock, EncodedInputs, masked_max, masked_window_mean
 
 # %% auto #0
-__all__ = ['MODALITIES', 'OTHER', 'MLFBlock', 'LayerAdapterMF']
+__all__ = ['MODALITIES', 'OTHER', 'PAPER', 'MLFBlock', 'LayerAdapterMF', 'prepare', 'build', 'after']
 
 # %% ../../nbs/53_layer_adapter_mf.ipynb #bc6b394f
 class MLFBlock(nn.Module):
@@ -108,3 +108,33 @@ class LayerAdapterMF(nn.Module):
         else: parts = [pooled[m] for m in self.modalities]
         fused = torch.cat(parts, -1)                                                                         # Eq. 8: H_STC
         return {"logits": self.classifier(self.dropout(fused)), "fused": fused, "pooled": pooled}
+
+# %% ../../nbs/53_layer_adapter_mf.ipynb #1a0e11a02
+from ..core import deep_merge, register_paper, write_json
+from ..train import cross_entropy_loss
+
+def prepare(params: dict, fold: int, transcripts=None) -> tuple[dict, dict]:
+    "(params with this paper's encoders laid over the shared ones, the fold's tables with the configured transcripts)."
+    from mmer.asr import apply_transcripts
+    from mmer.experiment import fold_split
+    section = params["layer_adapter"]
+    params = {**params, "encoders": deep_merge(params["encoders"], section["encoders"])}
+    split = {name: apply_transcripts(frame, transcripts, section["text_source"]) for name, frame in fold_split(params, fold).items()}
+    return params, split
+
+def build(config: dict, ctx) -> tuple:
+    "The Layer Adapter + MF model for one variant (`ctx` a `VariantContext`); cross-entropy (Eq. 10)."
+    model = LayerAdapterMF(ctx.n_classes, ctx.dims, config["modalities"], num_hidden_states=ctx.num_hidden_states,
+                           frozen=ctx.params["encoders"].get("frozen") or (), encoders=ctx.encoders, **config["model"])
+    return model, cross_entropy_loss, ()
+
+def after(config: dict, result, loaders: dict, ctx) -> None:
+    "Save the learned layer weights (Eq. 2); on the figure fold, the pooled inputs and H_STC for Fig. 2."
+    from mmer.experiment import save_representations
+    weights = {m: w.tolist() for m, w in result.model.layer_weights().items()}
+    if weights: write_json(ctx.out_dir / "layer_weights.json", weights)
+    if ctx.fold == ctx.paper["figure_fold"] and ctx.name in ctx.paper["figure_variants"]:
+        save_representations(result.model, loaders["test"], ctx.out_dir / "representations.npz",
+                             lambda out: {**out["pooled"], "fused": out["fused"]})
+
+PAPER = register_paper("layer_adapter", build, after=after, prepare=prepare, main_variant="speech_text_context__mf_la")

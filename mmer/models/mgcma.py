@@ -15,8 +15,8 @@ from ..layers import MLP, AttentionBlock, EncodedInputs, masked_mean, masked_win
 from ..losses import symmetric_info_nce, wasserstein2_diag
 
 # %% auto #0
-__all__ = ['STAGES', 'DistributionConstructor', 'DistributionAlignment', 'TokenAlignmentBlock', 'TokenAlignment',
-           'InstanceAlignment', 'check_stages', 'MGCMA', 'MGCMAObjective']
+__all__ = ['STAGES', 'PAPER', 'DistributionConstructor', 'DistributionAlignment', 'TokenAlignmentBlock', 'TokenAlignment',
+           'InstanceAlignment', 'check_stages', 'MGCMA', 'MGCMAObjective', 'build', 'after']
 
 # %% ../../nbs/52_mgcma.ipynb #60d0696e
 class DistributionConstructor(nn.Module):
@@ -156,3 +156,19 @@ class MGCMAObjective:
         terms = self.terms(outputs, batch)
         loss = terms["task"] + self.lambda_dist * terms["dist"] + self.lambda_inst * terms["inst"]
         return loss, {k: v.detach() for k, v in terms.items()}
+
+# %% ../../nbs/52_mgcma.ipynb #c0e11a02
+from ..core import register_paper
+
+def build(config: dict, ctx) -> tuple:
+    "MGCMA for one variant (`config` from `variant_config`, `ctx` a `VariantContext`) and its objective (Eq. 12)."
+    return MGCMA(ctx.n_classes, ctx.dims, config["modalities"], encoders=ctx.encoders, **config["model"]), MGCMAObjective(**config["loss"]), ()
+
+def after(config: dict, result, loaders: dict, ctx) -> None:
+    "On the figure fold, save the pooled speech and text representations the classifier reads (Fig. 3)."
+    from mmer.experiment import save_representations
+    if ctx.fold != ctx.paper["figure_fold"] or ctx.name not in ctx.paper["figure_variants"]: return None
+    save_representations(result.model, loaders["test"], ctx.out_dir / "representations.npz",
+                         lambda out: list(out["pooled_after"].values())[-1])
+
+PAPER = register_paper("mgcma", build, after=after, main_variant="S0")
