@@ -1,6 +1,10 @@
 # mmer: two commands for a fresh machine (see README).
-#   make repro  - create the environment if missing, make the embedded corpus, run `dvc repro` (all results)
-#   make test   - create the environment if missing, run every notebook's tests and the integration tests
+#   make repro      - create the environment if missing, make the embedded corpus, run `dvc repro` (all results)
+#   make test       - create the environment if missing, run every notebook's tests and the integration tests
+# For developers:
+#   make test-fast  - everything but the slow integration tests (pipeline, resume, paper-mode rehearsal)
+#   make bench      - per-paper epoch cost: cached vs live encoders, loop overhead, throughput, memory
+#   make export     - regenerate mmer/ from the notebooks and clean the notebooks before committing
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(abspath $(VENV))/bin
@@ -12,7 +16,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: env repro test export clean-nbs
+.PHONY: env repro test test-fast bench export
 env: $(VENV)/.installed
 
 # torch first and alone: pinned, so a CPU machine takes the CPU wheel and nothing pulls CUDA builds.
@@ -25,11 +29,17 @@ $(VENV)/.installed: settings.ini setup.py
 
 repro: env
 	dvc repro
-	@cat results/tables/*.md
+	python -m mmer.pipeline timing >/dev/null
+	@cat results/tables/*.md results/timing.md
 
 test: env
 	python -m pytest -q tests
 
-# For developers: regenerate mmer/ from the notebooks and clean the notebooks before committing.
+test-fast: env
+	python -m pytest -q -m "not slow" tests
+
+bench: env
+	python -m mmer.bench
+
 export: env
 	nbdev_export && nbdev_clean

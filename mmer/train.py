@@ -144,7 +144,7 @@ def _optimizer(model, cfg: TrainConfig):
     groups = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else [{"params": [p for p in model.parameters() if p.requires_grad]}]
     groups = [g for g in groups if len(list(g["params"]))]
     if not groups: raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 def _schedule(opt, total: int, warmup_fraction: float):
     warm = max(1, int(total * warmup_fraction))
@@ -213,7 +213,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir, config: TrainConfig
                 loss, terms = loss_fn(outputs, batch, state)
             if not torch.isfinite(loss): raise FloatingPointError(f"{out_dir}: loss became {loss.item()} at epoch {epoch + 1}, step {state.step}")
             opt.zero_grad(set_to_none=True); loss.backward()
-            if cfg.grad_clip: nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            if cfg.grad_clip: nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step(); sched.step(); state.step += 1
             k = len(batch["label"]); n += k
             for name, v in {"loss": loss.detach(), **terms}.items(): sums[name] = sums.get(name, 0.0) + float(v) * k
