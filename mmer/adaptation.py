@@ -11,7 +11,7 @@ from .core import code_fingerprint, deep_merge, fingerprint, load_params, pick_d
 from .data.corpus import class_names, describe_data, load_fold
 from .encoders import build_encoder, freeze
 from .experiment import resolve_workers, split_fingerprint
-from .features import UtteranceDataset, cache_hidden_states, split_loaders
+from .features import UtteranceDataset, cache_hidden_states, cache_key_parts, cache_layers, split_loaders
 from .train import train_and_test
 
 # %% auto #0
@@ -57,9 +57,10 @@ def adapt_and_cache(params: dict, modality: str, fold: int, frames: dict, out_di
     # padding-dependent outputs, so speech is cached one utterance at a time: the cache then does not
     # depend on how utterances were batched.
     freeze(encoder)
-    cache_hidden_states(encoder, UtteranceDataset(frames["all"], classes), Path(features_dir) / f"{modality}.pt",
-                        batch_size=1 if encoder.modality == "speech" else 32, layers=enc.get("cache_layers"),
-                        device=pick_device(params["train"]["device"]), progress=progress)
+    split = {s: frames[s] for s in ("train", "val", "test")}
+    cache_hidden_states(encoder, UtteranceDataset(frames["all"], classes), Path(features_dir) / modality,
+                        batch_size=1 if encoder.modality == "speech" else 32, layers=cache_layers(params, modality),
+                        device=pick_device(params["train"]["device"]), progress=progress, key_parts=cache_key_parts(params, modality, split))
     return metrics
 
 def _adapt_task(task: dict) -> dict:

@@ -13,9 +13,9 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['MODEL_MODULES', 'PAPER_MODULES', 'MODELS', 'register_model', 'PAPERS', 'Registry', 'seed_everything', 'pick_device',
-           'fingerprint', 'code_fingerprint', 'atomic_path', 'write_text', 'write_json', 'torch_save', 'load_params',
-           'deep_merge', 'resolve_profile', 'Paper', 'register_paper']
+__all__ = ['MODEL_MODULES', 'PAPER_MODULES', 'MODELS', 'register_model', 'PAPERS', 'PATH_KEYS', 'Registry', 'seed_everything',
+           'pick_device', 'fingerprint', 'code_fingerprint', 'atomic_path', 'write_text', 'write_json', 'torch_save',
+           'load_params', 'deep_merge', 'resolve_profile', 'Paper', 'register_paper']
 
 # %% ../nbs/00_core.ipynb #36bca9de
 class Registry:
@@ -114,13 +114,36 @@ def torch_save(obj: Any, path) -> Path:
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #44c1fba9
-def load_params(path: str | os.PathLike = "params.yaml") -> dict:
-    "Read a YAML parameter file into a dict, with a clear error when it is missing or not a mapping."
+PATH_KEYS = (("data", "iemocap_root"), ("data", "embedded", "out"), ("asr", "out"), ("asr", "wer_file"))
+
+def _resolve_paths(section: dict, base: Path) -> dict:
+    "`section` (params or a profile) with its relative path values made relative to `base`."
+    section = deep_merge(section, {})
+    for keys in PATH_KEYS:
+        node = section
+        for k in keys[:-1]: node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and not Path(node[keys[-1]]).expanduser().is_absolute():
+            node[keys[-1]] = str(base / node[keys[-1]])
+    for group in [section.get("encoders")] + [s.get("encoders") for s in section.values() if isinstance(s, dict)]:
+        for spec in (group or {}).values():                           # an encoder named by a local folder
+            if isinstance(spec, dict) and isinstance(spec.get("name"), str) and (base / spec["name"]).is_dir():
+                spec["name"] = str(base / spec["name"])
+    return section
+
+def load_params(path: str | os.PathLike = "params.yaml", check: bool = True, resolve_paths: bool = True) -> dict:
+    "Read, check (`mmer.params`) and return a YAML parameter file; relative paths in it are relative to its folder."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: parameter file not found")
     params = yaml.safe_load(path.read_text())
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(params).__name__}")
+    if check:
+        from mmer.params import check_params
+        params = check_params(params, str(path))
+    if resolve_paths:
+        base = path.resolve().parent
+        params = _resolve_paths(params, base)
+        if params.get("profiles"): params["profiles"] = {k: _resolve_paths(v or {}, base) for k, v in params["profiles"].items()}
     return params
 
 def deep_merge(base: dict, override: dict | None) -> dict:

@@ -16,12 +16,12 @@ import torch
 from .core import (PAPERS, atomic_path, code_fingerprint, deep_merge, fingerprint, load_params, resolve_profile,
                        seed_everything, write_json)
 from .data.corpus import class_names, describe_data, describe_encoders, load_fold
-from .features import experiment_inputs
+from .features import experiment_inputs, split_fingerprint
 from .train import TrainConfig, to_device, train_and_test
 
 # %% auto #0
-__all__ = ['fold_split', 'variant_config', 'VariantContext', 'split_fingerprint', 'run_key', 'resolve_workers', 'run_variants',
-           'run_experiment', 'save_representations']
+__all__ = ['fold_split', 'variant_config', 'VariantContext', 'run_key', 'resolve_workers', 'run_variants', 'run_experiment',
+           'save_representations']
 
 # %% ../nbs/39_experiment.ipynb #3e720576
 def fold_split(params: dict, fold: int) -> dict:
@@ -53,11 +53,6 @@ class VariantContext:
     def paper(self) -> dict: return self.params[self.section]
 
 # %% ../nbs/39_experiment.ipynb #3e72057b
-def split_fingerprint(split: dict) -> str:
-    "Fingerprint of the fold's utterance tables: per split, the ids, labels and texts, in order."
-    return fingerprint({s: frame[[c for c in ("utt_id", "label", "text") if c in frame]].to_numpy().tolist()
-                        for s, frame in sorted(split.items())})
-
 def run_key(params: dict, section: str, fold: int, train_cfg: dict, config: dict, split: dict) -> str:
     "The key of one variant's run: a change to anything it depends on gives another key (no stale resume)."
     return fingerprint([train_cfg, config, params["data"], params["encoders"], params.get("asr"), fold,

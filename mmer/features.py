@@ -4,6 +4,7 @@
 
 # %% ../nbs/22_features.ipynb #62fc59ae
 from __future__ import annotations
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -20,9 +21,9 @@ from .data.iemocap import label_to_index, load_wav
 from .encoders import EncoderOutput, encoder_fingerprint
 
 # %% auto #0
-__all__ = ['UtteranceDataset', 'raw_collate', 'cache_hidden_states', 'FeatureStore', 'CachedDataset', 'cached_collate',
-           'cached_loader', 'LengthBucketSampler', 'padding_fraction', 'split_loaders', 'Inputs', 'open_store',
-           'experiment_inputs']
+__all__ = ['UtteranceDataset', 'raw_collate', 'split_fingerprint', 'cache_layers', 'cache_key_parts', 'cache_files',
+           'cache_hidden_states', 'FeatureStore', 'CachedDataset', 'cached_collate', 'cached_loader',
+           'LengthBucketSampler', 'padding_fraction', 'split_loaders', 'Inputs', 'open_store', 'experiment_inputs']
 
 # %% ../nbs/22_features.ipynb #3388eb23
 class UtteranceDataset(Dataset):
@@ -61,53 +62,115 @@ def raw_collate(items: list[dict], tokenize=None) -> dict:
     return batch
 
 # %% ../nbs/22_features.ipynb #8f5d365b
+def split_fingerprint(split: dict) -> str:
+    "Fingerprint of a fold's utterance tables: per split, the ids, labels and texts, in order."
+    from mmer.core import fingerprint
+    return fingerprint({s: frame[[c for c in ("utt_id", "label", "text") if c in frame]].to_numpy().tolist()
+                        for s, frame in sorted(split.items())})
+
+def cache_layers(params: dict, modality: str) -> list[int] | None:
+    "The hidden states cached for `modality`: its encoder's `cache_layers`, else `encoders.cache_layers` (None = all)."
+    enc = params["encoders"]
+    return enc[modality].get("cache_layers", enc.get("cache_layers"))
+
+def cache_key_parts(params: dict, modality: str, split: dict) -> dict[str, str]:
+    "What determines `modality`'s cache besides the encoder spec: adaptation, utterances, layers (each a fingerprint)."
+    from mmer.core import fingerprint
+    enc = params["encoders"]; adapt = enc.get("adapt") or {}
+    adapted = bool(adapt.get("enabled")) and not enc.get("finetune", False)
+    train = {k: v for k, v in params.get("train", {}).items() if k not in ("workers", "progress")}
+    adaptation = [adapt.get(modality), adapt.get("crop_seconds"), train, params.get("baseline", {}).get("model")] if adapted else "none"
+    adapted_on = split_fingerprint({s: split[s] for s in ("train", "val") if s in split}) if adapted else "none"
+    return {"adaptation": fingerprint(adaptation), "adapted_on": adapted_on, "layers": fingerprint(cache_layers(params, modality))}
+
+def _text_hash(text: str) -> str:
+    import hashlib
+    return hashlib.sha1(str(text).encode()).hexdigest()[:12]
+
+def cache_files(stem) -> tuple[Path, Path]:
+    "The index (`<stem>.json`) and the frames (`<stem>.f16`) of the cache `stem`."
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".f16")
+
 @torch.inference_mode()
-def cache_hidden_states(encoder, dataset: UtteranceDataset, path, batch_size: int = 16, layers: list[int] | None = None,
-                        device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    "Run `encoder` over `dataset` once and save every utterance's hidden states (L, T, D) to `path` (atomic)."
+def cache_hidden_states(encoder, dataset: UtteranceDataset, stem, batch_size: int = 16, layers: list[int] | None = None,
+                        device: str | torch.device = "cpu", progress: bool = True, key_parts: dict | None = None) -> Path:
+    "Run `encoder` over `dataset` once and save every utterance's hidden states (T, L, D) under `stem` (atomic)."
+    import json
+    from mmer.core import atomic_path
     encoder = encoder.to(device).eval()
     tokenize = getattr(encoder, "tokenize", None) if encoder.modality == "text" else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda b: raw_collate(b, tokenize))
-    utt_ids, states = [], []
-    for batch in tqdm(loader, desc=f"caching {encoder.modality} states", disable=not progress, leave=False):
-        if encoder.modality == "speech": out = encoder(batch["wave"].to(device), batch["wave_len"].to(device))
-        else: out = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        hs = out.hidden_states if layers is None else [out.hidden_states[l] for l in layers]
-        stacked = torch.stack(hs, 1)                                   # (B, L, T, D)
-        for j, n in enumerate(out.mask.sum(1).tolist()):
-            states.append(stacked[j, :, out.mask[j]].to(torch.float16).cpu().clone())
-        utt_ids += batch["utt_id"]
-    record = {"utt_ids": utt_ids, "states": states, "fingerprint": encoder_fingerprint(encoder.spec),
-              "modality": encoder.modality, "layers": layers}
-    with atomic_path(path) as tmp: torch.save(record, tmp)
-    return Path(path)
+    index, data = cache_files(stem)
+    utt_ids, lengths, shape = [], [], None
+    with atomic_path(data) as tmp, open(tmp, "wb") as f:
+        for batch in tqdm(loader, desc=f"caching {encoder.modality} states", disable=not progress, leave=False):
+            if encoder.modality == "speech": out = encoder(batch["wave"].to(device), batch["wave_len"].to(device))
+            else: out = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            hs = out.hidden_states if layers is None else [out.hidden_states[l] for l in layers]
+            stacked = torch.stack(hs, 2)                                   # (B, T, L, D)
+            for j in range(len(stacked)):
+                frames = stacked[j, out.mask[j]].to(torch.float16).cpu().numpy()
+                f.write(frames.tobytes()); lengths.append(len(frames)); shape = frames.shape[1:]
+            utt_ids += batch["utt_id"]
+    record = {"utt_ids": utt_ids, "lengths": lengths, "shape": list(shape), "dtype": "float16", "layers": layers,
+              "fingerprint": encoder_fingerprint(encoder.spec), "modality": encoder.modality, "key_parts": key_parts or {}}
+    if encoder.modality == "text": record["texts"] = dict(zip(dataset.df["utt_id"], map(_text_hash, dataset.df["text"])))
+    with atomic_path(index) as tmp: Path(tmp).write_text(json.dumps(record))
+    return Path(stem)
 
 # %% ../nbs/22_features.ipynb #d67e2954
 class FeatureStore:
     "Cached hidden states of one modality, looked up by utterance id."
-    def __init__(self, path, fingerprint: str | None = None, dtype=torch.float32):
-        self.path = Path(path)
-        if not self.path.exists(): raise FileNotFoundError(f"{self.path}: no feature cache here (run the encoders stage first)")
-        rec = torch.load(self.path, weights_only=False)
+    def __init__(self, stem, fingerprint: str | None = None, key_parts: dict | None = None, max_ram_mb: float = 2048):
+        import json
+        self.path, (index, data) = Path(stem), cache_files(stem)
+        if not index.exists() or not data.exists():
+            raise FileNotFoundError(f"{index}: no feature cache here (run the encoders stage first)")
+        rec = json.loads(index.read_text())
         if fingerprint is not None and rec["fingerprint"] != fingerprint:
-            raise ValueError(f"{self.path}: cache made by encoder {rec['fingerprint']}, expected {fingerprint}; rebuild it")
-        self.modality, self.index = rec["modality"], {u: i for i, u in enumerate(rec["utt_ids"])}
-        # Stored (L, T, D) in float16; kept as (T, L, D) in `dtype` so that batches are one padding call.
-        self.states = [st.to(dtype).transpose(0, 1).contiguous() for st in rec["states"]]
-        self.num_hidden_states, self.dim = self.states[0].shape[1], self.states[0].shape[-1]
+            raise ValueError(f"{index}: cache made by encoder {rec['fingerprint']}, expected {fingerprint}; rebuild it")
+        if key_parts is not None:
+            differ = sorted(k for k in set(key_parts) | set(rec["key_parts"]) if key_parts.get(k) != rec["key_parts"].get(k))
+            if differ:
+                raise ValueError(f"{index}: cache made for other {', '.join(differ)} than this run's (adaptation settings, utterance "
+                                 f"tables incl. corpus, fold, classes and transcripts, or kept layers); rebuild it (dvc repro)")
+        self.modality, self.layers, self.texts = rec["modality"], rec["layers"], rec.get("texts")
+        self.index = {u: i for i, u in enumerate(rec["utt_ids"])}
+        self.lengths = np.asarray(rec["lengths"], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        (self.num_hidden_states, self.dim), total = rec["shape"], int(self.lengths.sum())
+        expected = total * self.num_hidden_states * self.dim * 2
+        if data.stat().st_size != expected:
+            raise ValueError(f"{data}: expected {expected} bytes for {total} frames, found {data.stat().st_size}; the cache is damaged, rebuild it")
+        frames = np.memmap(data, dtype=np.float16, mode="r", shape=(total, self.num_hidden_states, self.dim))
+        self.in_memory = expected / 2 ** 20 <= max_ram_mb
+        self.frames = torch.from_numpy(np.asarray(frames, dtype=np.float32)) if self.in_memory else frames
 
     def __contains__(self, utt_id): return utt_id in self.index
+
+    def check_texts(self, frame: pd.DataFrame) -> None:
+        "Refuse a text cache whose utterances were encoded from other texts than `frame`'s (e.g. gold text vs transcripts)."
+        if self.texts is None: return
+        differ = [u for u, text in zip(frame["utt_id"], frame["text"]) if u in self.texts and self.texts[u] != _text_hash(text)]
+        if differ:
+            raise ValueError(f"{self.path}: {len(differ)} utterances were cached from another text than this run's, e.g. {differ[:3]} "
+                             f"(gold text against ASR transcripts?); rebuild the cache (dvc repro)")
+
+    def _frames(self, i: int) -> torch.Tensor:
+        part = self.frames[self.offsets[i]:self.offsets[i + 1]]
+        return part if self.in_memory else torch.from_numpy(np.asarray(part, dtype=np.float32))
 
     def get(self, utt_id) -> torch.Tensor:
         "The cached states of one utterance, (L, T, D)."
         if utt_id not in self.index: raise KeyError(f"{self.path}: utterance {utt_id!r} is not in the cache")
-        return self.states[self.index[utt_id]].transpose(0, 1)
+        return self._frames(self.index[utt_id]).transpose(0, 1)
 
     def batch(self, utt_ids: list[str]) -> EncoderOutput:
         "Pad the cached states of `utt_ids` into hidden states (B, T, D) per layer and a mask (B, T)."
         for u in utt_ids:
             if u not in self.index: raise KeyError(f"{self.path}: utterance {u!r} is not in the cache")
-        items = [self.states[self.index[u]] for u in utt_ids]
+        items = [self._frames(self.index[u]) for u in utt_ids]
         out = pad_sequence(items, batch_first=True)                                   # (B, T, L, D)
         lengths = torch.tensor([len(it) for it in items])
         mask = torch.arange(out.shape[1])[None] < lengths[:, None]
@@ -215,13 +278,13 @@ class Inputs(NamedTuple):
 
 _STORES: dict = {}
 
-def open_store(path, fingerprint: str | None = None) -> FeatureStore:
+def open_store(stem, fingerprint: str | None = None, key_parts: dict | None = None) -> FeatureStore:
     "A `FeatureStore`, loaded once per process and file version (every variant of a fold reads the same caches)."
-    path = Path(path)
-    if not path.exists(): return FeatureStore(path, fingerprint)              # the clear error
-    version = (path.stat().st_mtime_ns, path.stat().st_size, fingerprint)
-    cached = _STORES.get(str(path.resolve()))
-    if cached is None or cached[0] != version: _STORES[str(path.resolve())] = cached = (version, FeatureStore(path, fingerprint))
+    index = cache_files(stem)[0]
+    if not index.exists(): return FeatureStore(stem, fingerprint, key_parts)              # the clear error
+    version = (index.stat().st_mtime_ns, index.stat().st_size, fingerprint, json.dumps(key_parts, sort_keys=True))
+    cached = _STORES.get(str(index.resolve()))
+    if cached is None or cached[0] != version: _STORES[str(index.resolve())] = cached = (version, FeatureStore(stem, fingerprint, key_parts))
     return cached[1]
 
 def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size: int, seed: int = 0,
@@ -232,7 +295,9 @@ def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size
     frozen = set(enc.get("frozen") or [])
     cached = [m for m in modalities if not enc.get("finetune", False) or m in frozen]
     if cached and features_dir is None: raise ValueError(f"the inputs {cached} are read from the feature cache: give `features_dir`")
-    stores = {m: open_store(Path(features_dir) / f"{m}.pt", fingerprint=encoder_fingerprint(enc[m])) for m in cached}
+    stores = {m: open_store(Path(features_dir) / m, encoder_fingerprint(enc[m]), cache_key_parts(params, m, split)) for m in cached}
+    for store in stores.values():
+        for frame in split.values(): store.check_texts(frame)
     live = [m for m in modalities if m not in stores]
     hidden = {m: s.num_hidden_states for m, s in stores.items()}
     if not live: return Inputs(split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None, hidden)

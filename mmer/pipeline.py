@@ -9,7 +9,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['PACKAGE', 'module_imports', 'notebook_source', 'import_closure', 'normalised_source', 'file_fingerprint',
-           'stage_entries', 'code_fingerprint_text', 'write_code_fingerprints', 'timed', 'timing_table', 'main']
+           'stage_entries', 'entry_points', 'fingerprint_name', 'code_fingerprint_text', 'write_code_fingerprints',
+           'timed', 'timing_table', 'main']
 
 # %% ../nbs/07_pipeline.ipynb #07a0b006
 PACKAGE = "mmer"
@@ -121,22 +122,38 @@ def stage_entries(dvc_yaml="dvc.yaml") -> dict[str, str]:
         elif m := _MODULE.search(cmd): out[name] = m[1]
     return out
 
-def code_fingerprint_text(stage: str, entry: str, root=".") -> str:
-    "The content of `results/code/<stage>.txt`: one line per file of the entry's import closure."
+def entry_points(root=".", notebooks="nbs/experiments", package: str = PACKAGE) -> dict[str, str]:
+    "fingerprint name -> entry: every experiment notebook (by stem) and every module of `package` with a command line."
+    root = Path(root)
+    out = {p.stem: Path(os.path.relpath(p, root)).as_posix() for p in sorted((root / notebooks).glob("*.ipynb"))}
+    for path in sorted((root / package).rglob("*.py")):
+        if "__pycache__" in path.parts: continue
+        if re.search(r"^if __name__ == .__main__.", path.read_text(), re.M): out[_module_name(path, root)] = _module_name(path, root)
+    return out
+
+def fingerprint_name(entry: str) -> str:
+    "The name of `entry`'s fingerprint file: a notebook's stem, or the module's name."
+    return Path(entry).stem if entry.endswith(".ipynb") else entry
+
+def code_fingerprint_text(entry: str, root=".") -> str:
+    "The content of `results/code/<entry>.txt`: one line per file of the entry's import closure."
     root = Path(root)
     files = import_closure(root / entry if entry.endswith(".ipynb") else entry, root)
     lines = [f"{file_fingerprint(f)}  {Path(os.path.relpath(f, root)).as_posix()}" for f in files]
-    return (f"# Code that stage {stage!r} can run (its command's import closure), with a hash of each file's normalised\n"
-            f"# content: `python -m mmer.pipeline code` rewrites this file; DVC re-runs the stage when it changes.\n" + "\n".join(lines) + "\n")
+    return (f"# Code that {entry} can run (its import closure), with a hash of each file's normalised content.\n"
+            f"# `python -m mmer.pipeline code` rewrites this file; DVC re-runs the stages that run {entry} when it changes.\n"
+            + "\n".join(lines) + "\n")
 
-def write_code_fingerprints(dvc_yaml="dvc.yaml", out_dir="results/code", root=".") -> list[Path]:
-    "Write `<out_dir>/<stage>.txt` for every stage with an entry point; returns the files that changed."
+def write_code_fingerprints(out_dir="results/code", root=".") -> list[Path]:
+    "Write `<out_dir>/<name>.txt` for every entry point (and remove files of entries that no longer exist); the changed files."
     out_dir, changed = Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stage, entry in stage_entries(dvc_yaml).items():
-        path, text = out_dir / f"{stage}.txt", code_fingerprint_text(stage, entry, root)
+    entries = entry_points(root)
+    for name, entry in entries.items():
+        path, text = out_dir / f"{name}.txt", code_fingerprint_text(entry, root)
         if path.exists() and path.read_text() == text: continue
         tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text); os.replace(tmp, path); changed.append(path)
+    for stale in set(out_dir.glob("*.txt")) - {out_dir / f"{n}.txt" for n in entries}: stale.unlink(); changed.append(stale)
     return changed
 
 # %% ../nbs/07_pipeline.ipynb #07a0b010
@@ -167,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     "Command line entry point: `python -m mmer.pipeline {code,timed,timing}`."
     parser = argparse.ArgumentParser(prog="python -m mmer.pipeline", description="Pipeline plumbing for dvc.yaml.")
     sub = parser.add_subparsers(dest="command", required=True)
-    code = sub.add_parser("code", help="write results/code/<stage>.txt for every stage of dvc.yaml")
-    code.add_argument("--dvc-yaml", default="dvc.yaml"); code.add_argument("--out", default="results/code")
+    code = sub.add_parser("code", help="write results/code/<entry>.txt for every entry point a stage can run")
+    code.add_argument("--out", default="results/code")
     run = sub.add_parser("timed", help="run a command, recording its wall time in results/timing/<stage>.json")
     run.add_argument("--stage", default=None); run.add_argument("--out", default="results/timing")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--dir", default="results/timing"); table.add_argument("--out", default="results/timing.md")
     args = parser.parse_args(argv)
     if args.command == "code":
-        changed = write_code_fingerprints(args.dvc_yaml, args.out)
+        changed = write_code_fingerprints(args.out)
         print(f"code fingerprints: {len(changed)} changed" + "".join(f"\n  {p}" for p in changed))
         return 0
     if args.command == "timed":

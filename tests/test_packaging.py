@@ -77,24 +77,27 @@ def test_experiment_notebooks_have_a_parameters_cell():
 
 
 def test_every_name_in_params_resolves():
-    from mmer.core import MODELS
+    "Every encoder name resolves offline; every section with variants is a registered paper whose build makes every row."
+    from mmer.core import PAPERS
     from mmer.encoders import ENCODERS
-    import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma, mmer.models.layer_adapter_mf  # noqa: F401  (register)
+    from mmer.experiment import VariantContext, variant_config
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for where, encoders in (("encoders", params["encoders"]), ("layer_adapter.encoders", params["layer_adapter"]["encoders"])):
-        for modality in ("speech", "text", "context"):
-            if modality not in encoders: continue
-            name = encoders[modality]["name"]
-            assert name in ENCODERS, f"params.yaml {where}.{modality}.name {name!r} is not a registered offline encoder"
-    for section in ("baseline", "fdrl", "mgcma"):
-        assert section in MODELS, f"params.yaml section {section!r} has no registered model"
-    from mmer.experiment import variant_config
+    for where, encoders in (("encoders", params["encoders"]),
+                            *((f"{s}.encoders", params[s]["encoders"]) for s in params if isinstance(params[s], dict) and "encoders" in params[s])):
+        for modality, spec in encoders.items():
+            if not isinstance(spec, dict) or "name" not in spec: continue
+            assert spec["name"] in ENCODERS, f"params.yaml {where}.{modality}.name {spec['name']!r} is not a registered offline encoder"
+    sections = [s for s in params if isinstance(params[s], dict) and "variants" in params[s]]
+    assert {"baseline", "fdrl", "mgcma", "layer_adapter"} <= set(sections)
     dims = {"speech": 8, "text": 8, "context": 8}
-    for section, model in (("fdrl", "fdrl"), ("mgcma", "mgcma"), ("layer_adapter", "layer_adapter_mf")):
-        extra = {"num_hidden_states": {m: 3 for m in dims}} if section == "layer_adapter" else {}
+    for section in sections:
+        paper = PAPERS.get(section)
+        assert paper.main_variant in params[section]["variants"], f"{section}: main variant {paper.main_variant!r} is not a row"
         for name, variant in params[section]["variants"].items():
             config = variant_config(params[section], variant or {})
-            MODELS.get(model)(4, dims, config["modalities"], **extra, **config["model"])  # every row builds
+            ctx = VariantContext(params, section, name, 1, ["ang", "hap", "sad", "neu"], {m: dims[m] for m in config["modalities"]},
+                                 {m: 3 for m in config["modalities"]}, None, ROOT / "unused")
+            paper.build(config, ctx)                                            # every row builds
 
 
 def test_package_imports_with_declared_dependencies():

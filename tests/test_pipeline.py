@@ -1,8 +1,9 @@
 """Integration: the whole DVC pipeline on a very small configuration, in a scratch copy of the project.
 
 Small = 2 sessions of a small embedded corpus, 2 folds, 1-2 epochs. Checks that every stage runs through
-papermill, that tables and figures are written with the right rows and captions, and that a second
-`dvc repro` does nothing.
+papermill, that tables and figures are written with the right rows and captions, that a second `dvc repro` does
+nothing, that every module a stage's processes actually import is in its code fingerprint, and that a change
+re-runs exactly the stages that read it.
 """
 import json
 import os
@@ -17,6 +18,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+# Loaded by every Python process of the pipeline (PYTHONPATH): at exit, record which mmer modules the process imported
+# and for which DVC stage, so that the test can hold them against the stage's code fingerprint.
+TRACER = """
+import atexit, json, os, sys
+def _log():
+    path = os.environ.get("MMER_IMPORT_LOG")
+    if path and os.environ.get("DVC_STAGE"):
+        with open(path, "a") as f:
+            f.write(json.dumps({"stage": os.environ["DVC_STAGE"], "modules": sorted(m for m in sys.modules if m == "mmer" or m.startswith("mmer."))}) + "\\n")
+atexit.register(_log)
+"""
 
 
 def small_params() -> dict:
@@ -34,8 +48,8 @@ def small_params() -> dict:
     return p
 
 
-def run(cmd, cwd, **kw):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+def run(cmd, cwd, extra_env=None, **kw):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **(extra_env or {})}
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
@@ -44,14 +58,15 @@ def run(cmd, cwd, **kw):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     proj = tmp_path_factory.mktemp("proj")
-    for name in ("dvc.yaml", "settings.ini"):
+    for name in ("dvc.yaml", "settings.ini", ".dvcignore"):
         shutil.copy(ROOT / name, proj / name)
     shutil.copytree(ROOT / "nbs" / "experiments", proj / "nbs" / "experiments")
     shutil.copytree(ROOT / "mmer", proj / "mmer", ignore=shutil.ignore_patterns("__pycache__"))
     (proj / "params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))
     run(["dvc", "init", "--no-scm", "-q"], proj)
     run(["dvc", "config", "core.analytics", "false"], proj)
-    run(["dvc", "repro"], proj, timeout=900)
+    tracer = proj.parent / "tracer"; tracer.mkdir(); (tracer / "sitecustomize.py").write_text(TRACER)
+    run(["dvc", "repro"], proj, timeout=900, extra_env={"PYTHONPATH": str(tracer), "MMER_IMPORT_LOG": str(proj.parent / "imports.jsonl")})
     return proj
 
 
@@ -80,6 +95,7 @@ def test_fdrl_tables_and_figures_are_written(project):
         assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     hist = pd.read_csv(project / "results" / "fdrl" / "fold1" / "S0" / "history.csv")
     assert {"train_task", "train_global", "train_local", "train_modality", "train_orth", "train_predictor", "mu"} <= set(hist.columns)
+    assert "seconds" not in hist.columns                                             # wall times live in results/timing
     s1 = pd.read_csv(project / "results" / "fdrl" / "fold1" / "S1" / "history.csv")
     assert (s1["train_global"] == 0).all() and (s1["train_modality"] == 0).all()     # the switch removed the terms
 
@@ -115,9 +131,7 @@ def test_layer_adapter_tables_figures_and_asr(project):
     w = json.loads((project / "results" / "layer_adapter" / "fold1" / "speech_text_context__mf_la" / "layer_weights.json").read_text())
     assert set(w) == {"speech", "text"} and abs(sum(w["speech"]) - 1) < 1e-5 and len(w["speech"]) == 4   # 4 tiny layers
     assert not (project / "results" / "layer_adapter" / "fold1" / "speech_text__none" / "layer_weights.json").exists()
-    timing = json.loads((project / "results" / "layer_adapter" / "fold2" / "epoch_timing.json").read_text())
-    assert timing["live_seconds"] > timing["cached_seconds"] > 0
-    assert {"speech.pt", "text.pt", "context.pt"} <= {p.name for p in (project / "data" / "features_la" / "fold1").iterdir()}
+    assert {"speech.json", "text.json", "context.json"} <= {p.name for p in (project / "data" / "features_la" / "fold1").iterdir()}
 
 
 def test_every_fold_writes_predictions_of_its_own_session_only(project):
@@ -135,6 +149,75 @@ def test_second_repro_does_nothing(project):
     out = run(["dvc", "repro"], project, timeout=120).stdout
     assert "didn't change, skipping" in out or "Data and pipelines are up to date" in out, out
     assert "Running stage" not in out, out
+
+
+def test_every_stage_records_its_wall_time(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for stage in lock:
+        if stage == "code": continue
+        record = json.loads((project / "results" / "timing" / f"{stage}.json").read_text())
+        assert record["stage"] == stage and record["exit_code"] == 0 and record["wall_seconds"] > 0, record
+    details = json.loads((project / "results" / "timing" / "fdrl@1.json").read_text())["details"]
+    assert set(details["variants"]) == set(small_params()["fdrl"]["variants"]) and details["workers"] >= 1
+
+
+def test_modules_imported_at_run_time_are_in_the_stage_code_fingerprint(project):
+    "Every mmer module a stage's processes imported (traced at exit) is listed in results/code/<stage>.txt."
+    log = [json.loads(line) for line in (project.parent / "imports.jsonl").read_text().splitlines()]
+    seen = {}
+    for entry in log: seen.setdefault(entry["stage"].split("@")[0], set()).update(entry["modules"])
+    assert {"corpus", "encoders", "fdrl", "mgcma", "layer_adapter", "report_fdrl"} <= set(seen), sorted(seen)
+    from mmer.pipeline import fingerprint_name, stage_entries
+    entries = stage_entries(project / "dvc.yaml")
+    for stage, modules in seen.items():
+        code_file = project / "results" / "code" / f"{fingerprint_name(entries[stage])}.txt"
+        listed = {line.split()[1] for line in code_file.read_text().splitlines() if not line.startswith("#")}
+        as_files = {f"mmer/{m[5:].replace('.', '/')}.py" if f"mmer/{m[5:].replace('.', '/')}.py" in listed else
+                    f"mmer/{m[5:].replace('.', '/')}/__init__.py" for m in modules if m != "mmer"} | {"mmer/__init__.py"}
+        missing = sorted(as_files - listed)
+        assert not missing, f"stage {stage} imported {missing}, which its code fingerprint does not cover"
+
+
+def _stale(project) -> set[str]:
+    st = json.loads(run(["dvc", "status", "--json"], project).stdout or "{}")
+    return {name for name, changes in st.items()
+            if any(isinstance(c, dict) and (c.get("changed deps") or c.get("changed params")) for c in changes)}
+
+
+def test_a_params_change_makes_exactly_its_readers_stale(project):
+    original = (project / "params.yaml").read_text()
+    try:
+        for key_path, readers in (("profiles.paper.layer_adapter.train.epochs", {"la_encoders@1", "la_encoders@2", "layer_adapter@1",
+                                                                                  "layer_adapter@2", "report_layer_adapter"}),
+                                  ("fdrl.train.epochs", {"fdrl@1", "fdrl@2", "report_fdrl"})):
+            params = yaml.safe_load(original)
+            *parents, leaf = key_path.split(".")
+            node = params
+            for k in parents: node = node[k]
+            node[leaf] = node[leaf] + 1
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            assert _stale(project) == readers, key_path
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert _stale(project) == set()
+
+
+def test_code_changes_rerun_exactly_the_stages_that_import_them(project):
+    fdrl, mgcma = project / "mmer" / "models" / "fdrl.py", project / "mmer" / "models" / "mgcma.py"
+    originals = {p: p.read_text() for p in (fdrl, mgcma)}
+    try:
+        # a new cell id in nbdev's markers and a comment: only the `code` stage runs, every other stage is up to date
+        fdrl.write_text(originals[fdrl].replace("# %% ../../nbs/51_fdrl.ipynb #", "# %% ../../nbs/51_fdrl.ipynb #f", 1) + "# a comment\n")
+        out = run(["dvc", "repro"], project, timeout=300).stdout
+        assert "Running stage 'code'" in out and out.count("Running stage") == 1, out
+        # a change to MGCMA's code makes exactly the MGCMA experiment stages stale (not its report, not FDRL)
+        mgcma.write_text(originals[mgcma] + "\nRECOMPUTED = True\n")
+        run(["dvc", "repro", "code"], project, timeout=120)
+        assert _stale(project) == {"mgcma@1", "mgcma@2"}
+    finally:
+        for p, text in originals.items(): p.write_text(text)
+        run(["dvc", "repro", "code"], project, timeout=120)
+    assert _stale(project) == set()
 
 
 def finetune_params_file(tmp_path, section: str) -> Path:
@@ -172,7 +255,7 @@ def test_layer_adapter_paper_mode_caches_only_the_frozen_context(project, tmp_pa
     transcripts = project / "data" / "asr" / "transcripts.csv"
     papermill(project, "encoders.ipynb", tmp_path / "enc.ipynb", fold=1, params_file=pfile, paper="layer_adapter", transcripts=transcripts,
               out_dir=tmp_path / "enc", features_dir=feats, runs_dir=tmp_path / "encruns")
-    assert sorted(p.name for p in feats.iterdir()) == ["NOT_CACHED.md", "context.pt"]      # the frozen input only
+    assert sorted(p.name for p in feats.iterdir()) == ["NOT_CACHED.md", "context.f16", "context.json"]      # the frozen input only
     out = tmp_path / "results"
     papermill(project, "layer_adapter.ipynb", tmp_path / "la.ipynb", ["speech_text_context__mf_la"], fold=1, params_file=pfile,
               features_dir=feats, transcripts=transcripts, out_dir=out, runs_dir=tmp_path / "runs")
