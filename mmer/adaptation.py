@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .core import code_fingerprint, deep_merge, fingerprint, load_params, pick_device, resolve_profile, seed_everything, write_json, write_text
 from .data.corpus import class_names, describe_data, load_fold
+from .data.iemocap import check_audio
 from .encoders import build_encoder, freeze
 from .experiment import resolve_workers, split_fingerprint
 from .features import UtteranceDataset, cache_hidden_states, cache_key_parts, cache_layers, split_loaders
@@ -75,6 +76,8 @@ def prepare_encoders(fold: int, out_dir, features_dir, runs_dir, params_file="pa
         from mmer.asr import apply_transcripts
         df = apply_transcripts(df, transcripts, params[paper]["text_source"])
     frames = {"all": df, **{s: df[df["split"] == s] for s in ("train", "val", "test")}}
+    if any(params["encoders"][m]["name"] for m in stage_inputs(params) if m != "text"):
+        check_audio(df)                                         # every wav, before anything is adapted or cached
     print(describe_data(params), f"Profile: {params['profile']}.")
     print({s: len(frames[s]) for s in ("train", "val", "test")}, "inputs:", {m: params["encoders"][m]["name"] for m in stage_inputs(params)})
     inputs = stage_inputs(params)

@@ -130,6 +130,8 @@ def transcribe_corpus(df: pd.DataFrame, asr: dict, device="auto", progress: bool
         return [simulate_asr(t, float(sim.get("wer", 0.0)), utterance_rng(sim.get("seed", 0), u), vocab)
                 for u, t in zip(df["utt_id"], df["text"])]
     if engine == "whisper":
+        from mmer.data.iemocap import check_audio
+        check_audio(df)                                             # every wav readable, 16 kHz mono, of its annotated length
         spec = asr["whisper"]; model, size = WhisperTranscriber(spec, device), int(spec.get("batch_size", 8))
         out = []
         for i in tqdm(range(0, len(df), size), desc="transcribing", disable=not progress):

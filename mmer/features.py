@@ -302,6 +302,9 @@ def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size
     hidden = {m: s.num_hidden_states for m, s in stores.items()}
     if not live: return Inputs(split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None, hidden)
     texts = list(split["train"]["text"])
+    if any(m != "text" for m in live):
+        from mmer.data.iemocap import check_audio
+        for frame in split.values(): check_audio(frame)                         # before any training on the audio
     encoders = {m: build_encoder(enc[m], texts=texts if m == "text" else None) for m in live}
     loaders = split_loaders(split, classes, batch_size, seed, stores=stores, encoders=encoders, max_seconds=enc.get("max_seconds"))
     hidden.update({m: e.num_hidden_states for m, e in encoders.items()})

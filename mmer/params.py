@@ -69,7 +69,7 @@ class Encoders(Section):
     max_seconds: Optional[float] = None
 
 class Embedded(Section):
-    out: str
+    out: Optional[str] = None
     seed: int = 0
     sessions: int = 5
     per_speaker: Optional[dict[str, int]] = None
@@ -79,6 +79,7 @@ class Data(Section):
     embedded: Optional[Embedded] = None
     classes: Optional[Literal[4, 6]] = None
     folds: Optional[list[int]] = None
+    check_counts: Optional[Union[bool, Literal["auto"]]] = None   # the published utterance counts (auto: unless embedded)
     val_fraction: Optional[float] = None
     split_seed: Optional[int] = None
 

@@ -153,7 +153,8 @@ def write_code_fingerprints(out_dir="results/code", root=".") -> list[Path]:
         path, text = out_dir / f"{name}.txt", code_fingerprint_text(entry, root)
         if path.exists() and path.read_text() == text: continue
         tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text); os.replace(tmp, path); changed.append(path)
-    for stale in set(out_dir.glob("*.txt")) - {out_dir / f"{n}.txt" for n in entries}: stale.unlink(); changed.append(stale)
+    for stale in set(out_dir.glob("*.txt")) - {out_dir / f"{n}.txt" for n in entries}:
+        if stale.read_text().startswith("# Code that "): stale.unlink(); changed.append(stale)   # only files this wrote
     return changed
 
 # %% ../nbs/07_pipeline.ipynb #07a0b010

@@ -49,7 +49,7 @@ def describe_encoders(params: dict) -> str:
 # %% ../../nbs/12_data_corpus.ipynb #50c135c0
 def load_corpus(params: dict) -> pd.DataFrame:
     "All utterances of the configured corpus and class set."
-    return read_iemocap(corpus_root(params), classes=params["data"]["classes"])
+    return read_iemocap(corpus_root(params), classes=params["data"]["classes"], check_counts=params["data"].get("check_counts", "auto"))
 
 def load_fold(params: dict, fold: int, df: pd.DataFrame | None = None) -> pd.DataFrame:
     "The corpus with a `split` column (train / val / test) for leave-one-session-out fold `fold`."

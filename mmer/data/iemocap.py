@@ -209,19 +209,28 @@ def load_wav(path, sample_rate: int = 16000) -> np.ndarray:
     try:
         with sf.SoundFile(path) as f:
             if problem := _audio_problem(f.samplerate, f.channels, sample_rate): raise ValueError(f"{path}: {problem}")
+            if f.frames == 0: raise ValueError(f"{path}: empty audio (0 samples)")
             return f.read(dtype="float32")
     except sf.LibsndfileError as e: raise ValueError(f"{path}: cannot read audio ({e})") from e
 
-def check_audio(df: pd.DataFrame, sample_rate: int = 16000) -> None:
-    "Check the header of every file in `df['wav']`; one ValueError listing the bad ones."
-    bad = []
-    for path in df["wav"]:
+def check_audio(df: pd.DataFrame, sample_rate: int = 16000, tolerance: float = 0.25) -> None:
+    """Check the header of every file in `df['wav']`: readable, `sample_rate` mono, not empty, and (when `df` has the
+    EmoEvaluation times `start`/`end`) lasting those times within `tolerance` seconds plus 5%, which catches truncated
+    files. One ValueError listing the bad ones."""
+    bad, timed = [], {"start", "end"} <= set(df.columns)
+    for i, path in enumerate(df["wav"]):
         try: info = sf.info(path)
         except (sf.LibsndfileError, RuntimeError, OSError) as e: bad.append(f"{path}: cannot read audio ({e})"); continue
-        if problem := _audio_problem(info.samplerate, info.channels, sample_rate): bad.append(f"{path}: {problem}")
+        if problem := _audio_problem(info.samplerate, info.channels, sample_rate): bad.append(f"{path}: {problem}"); continue
+        if info.frames == 0: bad.append(f"{path}: empty audio (0 samples)"); continue
+        if timed:
+            seconds, expected = info.frames / info.samplerate, float(df["end"].iloc[i] - df["start"].iloc[i])
+            if abs(seconds - expected) > tolerance + 0.05 * expected:
+                bad.append(f"{path}: lasts {seconds:.2f} s but its EmoEvaluation times give {expected:.2f} s (truncated or misaligned)")
     if bad:
         more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise ValueError(f"{len(bad)} of {len(df)} wav files are not {_khz(sample_rate)} mono:\n" + "\n".join(bad[:20]) + more)
+        raise ValueError(f"{len(bad)} of {len(df)} wav files are unusable (expected readable {_khz(sample_rate)} mono audio of "
+                         f"the annotated length):\n" + "\n".join(bad[:20]) + more)
 
 # %% ../../nbs/11_data_iemocap.ipynb #dfc1dd11
 PROTOCOLS = ("loso", "holdout")

@@ -255,8 +255,17 @@ made by `mmer.data.synth.make_embedded_iemocap` (mmer {__version__}, espeak-ng {
 Byte-identical output needs a fresh process per corpus: `python -m mmer.data.synth --out <dir> --seed {seed}`.
 """
 
+def _check_replaceable(target: Path) -> None:
+    "Refuse to replace `target` unless it is absent or an embedded corpus (it holds the marker this module writes)."
+    if target.exists() and not (target / "EMBEDDED_CORPUS.md").is_file():
+        found = sorted(p.name for p in target.iterdir())[:5] if target.is_dir() else "a file"
+        raise FileExistsError(f"{target}: exists and is not the embedded corpus (no EMBEDDED_CORPUS.md in it; found {found}); "
+                              f"refusing to replace it. Move it away, or point data.embedded.out at another folder "
+                              f"(a real IEMOCAP goes in data.iemocap_root)")
+
 def _replace_dir(new: Path, target: Path) -> None:
-    "Rename `new` to `target`, replacing a `target` that exists."
+    "Rename `new` to `target`, replacing a `target` that exists (only an embedded corpus: `_check_replaceable`)."
+    _check_replaceable(target)
     old = target.with_name(f".{target.name}.{os.getpid()}.old")
     if target.exists(): os.rename(target, old)
     try: os.rename(new, target)
@@ -267,7 +276,8 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def make_embedded_iemocap(out_dir, seed: int = 0, n_sessions: int = 5, per_speaker: dict | None = None,
                           progress: bool = True) -> Path:
-    "Write the synthetic corpus to `<out_dir>/IEMOCAP_full_release` (replacing it) and return that path."
+    "Write the synthetic corpus to `<out_dir>/IEMOCAP_full_release` (replacing an earlier one) and return that path."
+    _check_replaceable(Path(out_dir) / RELEASE)                           # before any work: never replace a real release
     start, plan = time.time(), plan_corpus(seed, n_sessions, per_speaker)
     counts = dict(PER_SPEAKER if per_speaker is None else per_speaker)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
