@@ -12,11 +12,12 @@ from .data.corpus import class_names, describe_data, load_fold
 from .data.iemocap import check_audio
 from .encoders import build_encoder, freeze
 from .experiment import resolve_workers, split_fingerprint
-from .features import UtteranceDataset, cache_hidden_states, cache_key_parts, cache_layers, split_loaders
+from .features import (UtteranceDataset, cache_complete, cache_hidden_states, cache_key_parts, cache_layers, link_cache,
+                           split_loaders)
 from .train import train_and_test
 
 # %% auto #0
-__all__ = ['stage_params', 'stage_inputs', 'adapt_and_cache', 'prepare_encoders']
+__all__ = ['stage_params', 'stage_inputs', 'adapt_and_cache', 'shared_stem', 'prepare_encoders']
 
 # %% ../nbs/41_adaptation.ipynb #41a0a005
 def stage_params(params: dict, paper: str | None = None) -> dict:
@@ -58,11 +59,24 @@ def adapt_and_cache(params: dict, modality: str, fold: int, frames: dict, out_di
     # padding-dependent outputs, so speech is cached one utterance at a time: the cache then does not
     # depend on how utterances were batched.
     freeze(encoder)
-    split = {s: frames[s] for s in ("train", "val", "test")}
-    cache_hidden_states(encoder, UtteranceDataset(frames["all"], classes), Path(features_dir) / modality,
-                        batch_size=1 if encoder.modality == "speech" else 32, layers=cache_layers(params, modality),
-                        device=pick_device(params["train"]["device"]), progress=progress, key_parts=cache_key_parts(params, modality, split))
+    split, layers = {s: frames[s] for s in ("train", "val", "test")}, cache_layers(params, modality)
+    stem, key_parts = Path(features_dir) / modality, cache_key_parts(params, modality, split)
+    shared = not metrics and not getattr(encoder, "depends_on_texts", False)       # the same in every fold
+    target = shared_stem(features_dir, modality, spec, layers, frames["all"]) if shared else stem
+    if not (shared and cache_complete(target)):
+        cache_hidden_states(encoder, UtteranceDataset(frames["all"], classes), target,
+                            batch_size=1 if encoder.modality == "speech" else 32, layers=layers,
+                            device=pick_device(params["train"]["device"]), progress=progress, key_parts=key_parts)
+    if shared: link_cache(target, stem, key_parts)
     return metrics
+
+def shared_stem(features_dir, modality: str, spec: dict, layers, frame) -> Path:
+    "Where a fold-independent cache of `frame`'s utterances lives: `<features_dir>/../shared/<modality>-<key>`."
+    import os
+    from mmer.encoders import encoder_fingerprint
+    audio = [os.path.getsize(p) if os.path.exists(p) else -1 for p in frame["wav"]]
+    key = fingerprint([encoder_fingerprint(spec), layers, list(frame["utt_id"]), audio, list(frame["text"])])
+    return Path(features_dir).parent / "shared" / f"{modality}-{key}"
 
 def _adapt_task(task: dict) -> dict:
     return adapt_and_cache(**task)

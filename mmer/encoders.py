@@ -213,7 +213,9 @@ def _tiny_text(config_class: str, model_class: str, train_tokenizer: str, positi
         size = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                     max_position_embeddings=int(spec.get("max_length", 64)) + position_offset)
         config = getattr(tf, config_class)(**deep_merge(TINY_TEXT | size, spec.get("config")))
-        return TextEncoder(_seeded(getattr(tf, model_class), config, spec.get("seed", 0)), tokenizer, spec)
+        encoder = TextEncoder(_seeded(getattr(tf, model_class), config, spec.get("seed", 0)), tokenizer, spec)
+        encoder.depends_on_texts = True                    # its vocabulary comes from the (fold's) training texts
+        return encoder
     return build
 
 ENCODERS.register("tiny-bert")(_tiny_text("BertConfig", "BertModel", "train_wordpiece_tokenizer", 0))

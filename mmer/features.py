@@ -22,8 +22,9 @@ from .encoders import EncoderOutput, encoder_fingerprint
 
 # %% auto #0
 __all__ = ['UtteranceDataset', 'raw_collate', 'split_fingerprint', 'cache_layers', 'cache_key_parts', 'cache_files',
-           'cache_hidden_states', 'FeatureStore', 'CachedDataset', 'cached_collate', 'cached_loader',
-           'LengthBucketSampler', 'padding_fraction', 'split_loaders', 'Inputs', 'open_store', 'experiment_inputs']
+           'cache_hidden_states', 'cache_complete', 'link_cache', 'FeatureStore', 'CachedDataset', 'cached_collate',
+           'cached_loader', 'LengthBucketSampler', 'padding_fraction', 'split_loaders', 'Inputs', 'open_store',
+           'experiment_inputs']
 
 # %% ../nbs/22_features.ipynb #3388eb23
 class UtteranceDataset(Dataset):
@@ -119,15 +120,36 @@ def cache_hidden_states(encoder, dataset: UtteranceDataset, stem, batch_size: in
     with atomic_path(index) as tmp: Path(tmp).write_text(json.dumps(record))
     return Path(stem)
 
+# %% ../nbs/22_features.ipynb #8f5d365c
+def cache_complete(stem) -> bool:
+    "Whether the cache `stem` exists and its frames file has the size its index says."
+    import json
+    index, data = cache_files(stem)
+    if not (index.exists() and data.exists()): return False
+    rec = json.loads(index.read_text())
+    return data.stat().st_size == sum(rec["lengths"]) * int(np.prod(rec["shape"])) * 2
+
+def link_cache(shared, stem, key_parts: dict | None = None) -> Path:
+    "Make `stem` a cache whose frames are the shared cache's (its index names the file; no frames are copied)."
+    import json, os
+    from mmer.core import write_text
+    rec = json.loads(cache_files(shared)[0].read_text())
+    rec.update(data_file=os.path.relpath(cache_files(shared)[1], Path(stem).parent), key_parts=key_parts or rec["key_parts"])
+    write_text(cache_files(stem)[0], json.dumps(rec))
+    stale = cache_files(stem)[1]
+    if stale.exists(): stale.unlink()                          # a frames file of our own from an earlier run
+    return Path(stem)
+
 # %% ../nbs/22_features.ipynb #d67e2954
 class FeatureStore:
     "Cached hidden states of one modality, looked up by utterance id."
     def __init__(self, stem, fingerprint: str | None = None, key_parts: dict | None = None, max_ram_mb: float = 2048):
         import json
         self.path, (index, data) = Path(stem), cache_files(stem)
-        if not index.exists() or not data.exists():
-            raise FileNotFoundError(f"{index}: no feature cache here (run the encoders stage first)")
+        if not index.exists(): raise FileNotFoundError(f"{index}: no feature cache here (run the encoders stage first)")
         rec = json.loads(index.read_text())
+        if rec.get("data_file"): data = index.parent / rec["data_file"]        # frames shared by every fold
+        if not data.exists(): raise FileNotFoundError(f"{data}: the cache's frames are missing (run the encoders stage again)")
         if fingerprint is not None and rec["fingerprint"] != fingerprint:
             raise ValueError(f"{index}: cache made by encoder {rec['fingerprint']}, expected {fingerprint}; rebuild it")
         if key_parts is not None:
