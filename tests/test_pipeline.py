@@ -221,9 +221,10 @@ def test_code_changes_rerun_exactly_the_stages_that_import_them(project):
     assert _stale(project) == set()
 
 
-def finetune_params_file(tmp_path, section: str) -> Path:
-    "The small params with encoders.finetune on (the papers' setting) and one epoch for `section`."
+def finetune_params_file(tmp_path, section: str, project: Path) -> Path:
+    "The small params with encoders.finetune on (the papers' setting) and one epoch for `section` (data paths: `project`'s)."
     params = small_params()
+    params["data"]["embedded"]["out"] = str(project / "data" / "embedded")     # relative paths are relative to the file
     params["encoders"]["finetune"] = True
     params[section]["train"]["epochs"] = 1
     pfile = tmp_path / "params.yaml"
@@ -241,7 +242,7 @@ def papermill(project, notebook: str, out, variants=None, **parameters):
 def test_finetune_mode_trains_live_encoders_through_papermill(project, tmp_path):
     "encoders.finetune: true (the papers' setting) fine-tunes fresh encoders with the model instead of reading the cache."
     out = tmp_path / "results"
-    papermill(project, "fdrl.ipynb", tmp_path / "fdrl.ipynb", ["S0"], fold=1, params_file=finetune_params_file(tmp_path, "fdrl"),
+    papermill(project, "fdrl.ipynb", tmp_path / "fdrl.ipynb", ["S0"], fold=1, params_file=finetune_params_file(tmp_path, "fdrl", project),
               features_dir=tmp_path / "no_cache", out_dir=out, runs_dir=tmp_path / "runs")
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"S0"} and 0 <= metrics["S0"]["ua"] <= 1
@@ -252,7 +253,7 @@ def test_finetune_mode_trains_live_encoders_through_papermill(project, tmp_path)
 
 def test_layer_adapter_paper_mode_caches_only_the_frozen_context(project, tmp_path):
     "Fine-tuning (the paper's setting): WavLM and RoBERTa train live with the model, Whisper's states come from the cache."
-    pfile, feats = finetune_params_file(tmp_path, "layer_adapter"), tmp_path / "features"
+    pfile, feats = finetune_params_file(tmp_path, "layer_adapter", project), tmp_path / "features"
     transcripts = project / "data" / "asr" / "transcripts.csv"
     papermill(project, "encoders.ipynb", tmp_path / "enc.ipynb", fold=1, params_file=pfile, paper="layer_adapter", transcripts=transcripts,
               out_dir=tmp_path / "enc", features_dir=feats, runs_dir=tmp_path / "encruns")
