@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['domain_cross_entropy', 'local_discriminator_losses', 'a_distance', 'dynamic_factor', 'orthogonality_loss',
-           'wasserstein2_diag', 'symmetric_info_nce']
+__all__ = ['domain_cross_entropy', 'local_discriminator_losses', 'a_distance', 'error_a_distance', 'discriminator_error',
+           'dynamic_factor', 'orthogonality_loss', 'wasserstein2_diag', 'symmetric_info_nce']
 
 # %% ../nbs/35_losses.ipynb #865503d4
 def domain_cross_entropy(logits: torch.Tensor, domain: torch.Tensor, weights: torch.Tensor | None = None,
@@ -31,33 +31,57 @@ def local_discriminator_losses(logits: torch.Tensor, domain: torch.Tensor, weigh
     "Per-class local discriminator losses L_l^c of FDRL Eq. 5: logits (C, N, K), domain (N,), weights (N, C) -> (C,)."
     if weights is not None and weights.shape != (logits.shape[1], logits.shape[0]):
         raise ValueError(f"weights must be (N, C) = {(logits.shape[1], logits.shape[0])}, got {tuple(weights.shape)}")
-    return torch.stack([domain_cross_entropy(logits[c], domain, None if weights is None else weights[:, c].detach())
+    return torch.stack([domain_cross_entropy(logits[c], domain, None if weights is None else weights[:, c])
                         for c in range(logits.shape[0])])
 
 # %% ../nbs/35_losses.ipynb #ee0e437f
-def a_distance(loss):
-    "Proxy A-distance 2 (1 - 2 loss) from a discriminator's loss (FDRL Eqs. 6-7); floats or tensors."
-    return 2.0 * (1.0 - 2.0 * loss)
+def a_distance(x):
+    "Proxy A-distance 2 (1 - 2 x) from a discriminator's error rate x (FDRL Eqs. 6-7 put its loss there)."
+    return 2.0 * (1.0 - 2.0 * x)
+
+def error_a_distance(error: float) -> float:
+    "Proxy A-distance 2 (1 - 2 min(e, 1 - e)) from an error rate e in [0, 1]: 0 at chance, 2 if separable."
+    error = float(error)
+    if math.isnan(error): return error                            # no sample was measured
+    if not 0.0 <= error <= 1.0: raise ValueError(f"an error rate lies in [0, 1], got {error}")
+    return a_distance(min(error, 1.0 - error))
+
+# %% ../nbs/35_losses.ipynb #dfacdbe7
+def discriminator_error(logits: torch.Tensor, domain: torch.Tensor, weights: torch.Tensor | None = None):
+    "Error rate of the decisions argmax(logits) (N, K) on `domain` (N,): the mean of each domain's (weighted) rate."
+    with torch.no_grad():
+        wrong = (logits.argmax(-1) != domain).float()
+        w = torch.ones_like(wrong) if weights is None else weights.reshape(-1).float()
+        if w.shape != wrong.shape:
+            raise ValueError(f"weights must hold one value per sample ({len(wrong)}), got shape {tuple(weights.shape)}")
+        masses = {int(k): w[domain == k].sum() for k in domain.unique()}
+        rates = [(w[domain == k] * wrong[domain == k]).sum() / m for k, m in masses.items() if m > 0]
+        return torch.stack(rates).mean() if rates else wrong.new_tensor(float("nan"))
 
 # %% ../nbs/35_losses.ipynb #68582d3d
-def dynamic_factor(global_loss: float, local_losses: Sequence[float | None], fallback: float = 0.5,
-                   complement: bool = False, eps: float = 1e-6) -> float:
-    "FDRL Eq. 8: d_g / (d_g + mean_c d_l^c) from discriminator losses, clamped to [0, 1]; `fallback` when undefined."
+def dynamic_factor(d_global: float, d_locals: Sequence[float | None], fallback: float = 0.5, complement: bool = False,
+                   eps: float = 1e-6) -> float:
+    "FDRL Eq. 8 from A-distances: d_g / (d_g + mean_c d_l^c) in [0, 1] (1 - it if `complement`), else `fallback`."
     finite = lambda v: v is not None and math.isfinite(float(v))
-    local = [a_distance(float(v)) for v in local_losses if finite(v)]
-    if not finite(global_loss) or not local: return float(fallback)
-    d_g = a_distance(float(global_loss)); denominator = d_g + sum(local) / len(local)
+    local = [float(v) for v in d_locals if finite(v)]
+    if not finite(d_global) or not local: return float(fallback)
+    denominator = float(d_global) + sum(local) / len(local)
     if abs(denominator) < eps: return float(fallback)
-    mu = min(max(d_g / denominator, 0.0), 1.0)
+    mu = min(max(float(d_global) / denominator, 0.0), 1.0)
     return 1.0 - mu if complement else mu
 
 # %% ../nbs/35_losses.ipynb #4b13ef37
-def orthogonality_loss(s: torch.Tensor, p: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    "Squared Frobenius norm of S^T P (FDRL Eq. 10, one modality): (B, d), (B, d') -> scalar."
+def orthogonality_loss(s: torch.Tensor, p: torch.Tensor, form: str = "misa") -> torch.Tensor:
+    """FDRL Eq. 10 for one modality, (B, d), (B, d') -> scalar. `literal`: ||S^T P||_F^2 of the raw matrices; `misa`
+    (MISA's DiffLoss): features centred over the batch, rows L2-normalised, the mean of the squared entries of S^T P."""
+    if form not in ("misa", "literal"): raise ValueError(f"form must be 'misa' or 'literal', got {form!r}")
     if s.dim() != 2 or p.dim() != 2 or len(s) != len(p):
         raise ValueError(f"expected two (B, d) batch matrices with the same B, got {tuple(s.shape)} and {tuple(p.shape)}")
-    if normalize: s, p = F.normalize(s, dim=1), F.normalize(p, dim=1)
-    return (s.transpose(0, 1) @ p).pow(2).sum()
+    with torch.autocast(s.device.type, enabled=False):
+        s, p = s.float(), p.float()
+        if form == "literal": return (s.transpose(0, 1) @ p).pow(2).sum()
+        s, p = F.normalize(s - s.mean(0), dim=1), F.normalize(p - p.mean(0), dim=1)
+        return (s.transpose(0, 1) @ p).pow(2).mean()
 
 # %% ../nbs/35_losses.ipynb #f2b09ea7
 def wasserstein2_diag(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,7 @@ class FDRLModel(Section):
     fusion_inputs: Optional[Literal["all", "shared", "private"]] = None
     fusion_residual: Optional[bool] = None
     local_weighting: Optional[Literal["logits", "input"]] = None
+    detach_local_weights: Optional[bool] = None
     grl_gamma: Optional[float] = None
     grl_scale: Optional[float] = None
     use_alignment: Optional[bool] = None
@@ -116,8 +117,8 @@ class FDRLLoss(Section):
     gamma: Optional[float] = None
     mu: Optional[float] = None
     dynamic_mu: Optional[bool] = None
-    mu_complement: Optional[bool] = None
-    normalize_orthogonality: Optional[bool] = None
+    mu_estimator: Optional[Literal["error", "loss", "daan_code"]] = None
+    orthogonality: Optional[Literal["misa", "literal"]] = None
 
 Stage = Literal["DAM", "TAM", "IAM"]
 Stride = Union[int, dict[str, int]]

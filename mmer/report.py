@@ -19,7 +19,8 @@ from .metrics import confusion
 
 # %% auto #0
 __all__ = ['METRICS', 'collect_runs', 'summarise', 'format_table', 'markdown_table', 'write_table', 'plot_confusion',
-           'plot_curves', 'plot_embedding_panels', 'centroid_distance', 'plot_centroids', 'plot_layer_weights']
+           'plot_curves', 'plot_embedding_panels', 'centroid_distance', 'plot_centroids', 'plot_layer_weights',
+           'plot_per_fold']
 
 # %% ../nbs/90_report.ipynb #2ccb3c01
 METRICS = ("wa", "ua", "f1_macro", "f1_weighted")
@@ -171,5 +172,22 @@ def plot_layer_weights(weights: dict[int, dict[str, list[float]]], path, title: 
         ax.axhline(1 / rows.shape[1], color="grey", ls="--", lw=0.8, label="uniform")
         ax.set(title=m, xlabel="layer", ylabel="weight $w_l$", xticks=layers)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+# %% ../nbs/90_report.ipynb #ed1e3d9d
+def plot_per_fold(histories: dict[int, pd.DataFrame], columns, path, title: str, references: dict | None = None,
+                  ylims: dict | None = None, labels: dict | None = None) -> Path:
+    "histories = {fold: history} -> one panel per column (y per epoch), one line per fold; `references` = {column: y}."
+    columns = [c for c in columns if any(c in h for h in histories.values())]
+    if not columns: raise ValueError(f"none of the columns is in the histories of folds {sorted(histories)}")
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        for fold, h in sorted(histories.items()):
+            if col in h: ax.plot(h["epoch"], h[col], marker="o", ms=2, lw=1, label=f"fold {fold}")
+        if col in (references or {}): ax.axhline(references[col], color="grey", ls="--", lw=0.8)
+        ax.set(xlabel="epoch", ylabel=(labels or {}).get(col, col), title=(labels or {}).get(col, col))
+        if col in (ylims or {}): ax.set_ylim(*ylims[col])
+    axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)

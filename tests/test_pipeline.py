@@ -91,7 +91,7 @@ def test_fdrl_tables_and_figures_are_written(project):
     md = (project / "results" / "tables" / "fdrl_table2.md").read_text()
     assert "NOT IEMOCAP" in md and "| S0 FDRL |" in md and "79.44" in md   # ours beside the paper's
     assert "78.34" in (project / "results" / "tables" / "fdrl_table1.md").read_text()
-    for fig in ("fdrl_fig3a_tsne", "fdrl_fig3b_centroids", "fdrl_curves"):
+    for fig in ("fdrl_fig3a_tsne", "fdrl_fig3b_centroids", "fdrl_mu", "fdrl_curves"):
         assert (project / "results" / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
     hist = pd.read_csv(project / "results" / "fdrl" / "fold1" / "S0" / "history.csv")
     assert {"train_task", "train_global", "train_local", "train_modality", "train_orth", "train_predictor", "mu"} <= set(hist.columns)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/51_fdrl.ipynb #5ec8908d
 from __future__ import annotations
-import inspect, re
+import inspect, math, re
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +12,12 @@ from torch import nn
 
 from ..core import register_model
 from ..layers import MLP, AttentionBlock, EncodedInputs, dann_lambda, grad_reverse, masked_mean, select_layer
-from ..losses import a_distance, domain_cross_entropy, dynamic_factor, local_discriminator_losses, orthogonality_loss
+from ..losses import (a_distance, discriminator_error, domain_cross_entropy, dynamic_factor, error_a_distance,
+                         local_discriminator_losses, orthogonality_loss)
 
 # %% auto #0
-__all__ = ['PAPER', 'fdrl_switches', 'FDRL', 'fdrl_terms', 'fdrl_loss', 'FDRLObjective', 'build', 'after']
+__all__ = ['MU_ESTIMATORS', 'PAPER', 'fdrl_switches', 'FDRL', 'fdrl_terms', 'fdrl_discriminator_errors', 'applied_mu',
+           'fdrl_loss', 'fdrl_a_distances', 'FDRLObjective', 'build', 'after']
 
 # %% ../../nbs/51_fdrl.ipynb #24564615
 def fdrl_switches(modalities, use_alignment=True, use_disparity=True, use_global_disc=True, use_local_disc=True,
@@ -36,8 +38,8 @@ class FDRL(nn.Module):
     "FDRL: {modality: EncoderOutput} -> logits (B, C), plus S_i, P_i (B, d) and every discriminator's and predictor's logits."
     def __init__(self, n_classes: int, dims: dict[str, int], modalities=("speech", "text"), layer=-1, d: int = 256,
                  disc_hidden: int | None = None, heads: int = 4, dropout: float = 0.1, fusion_inputs: str = "all",
-                 fusion_residual: bool = False, local_weighting: str = "logits", grl_gamma: float = 10.0,
-                 grl_scale: float = 1.0, encoders: dict | None = None, **switches):
+                 fusion_residual: bool = False, local_weighting: str = "logits", detach_local_weights: bool = True,
+                 grl_gamma: float = 10.0, grl_scale: float = 1.0, encoders: dict | None = None, **switches):
         super().__init__()
         missing = [m for m in modalities if m not in dims]
         if not modalities or missing: raise ValueError(f"modalities {list(modalities)} need widths in dims, got {dims}")
@@ -45,6 +47,7 @@ class FDRL(nn.Module):
         if local_weighting not in ("logits", "input"): raise ValueError(f"local_weighting must be logits or input, got {local_weighting!r}")
         self.modalities, self.layer, self.n_classes = list(modalities), layer, n_classes
         self.fusion_inputs, self.local_weighting, self.grl_gamma, self.grl_scale = fusion_inputs, local_weighting, grl_gamma, grl_scale
+        self.detach_local_weights = detach_local_weights
         known = sorted(set(inspect.signature(fdrl_switches).parameters) - {"modalities"})
         if unknown := sorted(set(switches) - set(known)): raise TypeError(f"unknown FDRL option(s) {unknown}; the switches are {known}")
         self.switches = fdrl_switches(self.modalities, **switches)
@@ -87,19 +90,21 @@ class FDRL(nn.Module):
             reversed_S = grad_reverse(S, lambd)
         if on["global_disc"]: out["global_logits"] = self.global_discriminator(reversed_S)      # Eq. 4: (M B, M)
         if on["local_disc"]:                                                                   # Eq. 5: (C, M B, M)
-            with torch.no_grad(): y = self.predictor(S).softmax(-1)                            # y_i^c, detached
+            y = self.predictor(S).softmax(-1)                                                  # y_i^c (M B, C)
+            if self.detach_local_weights: y = y.detach()
             if self.local_weighting == "input":
                 out["local_logits"] = torch.stack([D(y[:, c:c + 1] * reversed_S) for c, D in enumerate(self.local_discriminators)])
             else:
                 out["local_logits"] = torch.stack([D(reversed_S) for D in self.local_discriminators])
                 out["local_weights"] = y
+            out["local_membership"] = y.detach()                                               # Eq. 7's class c
         if on["modality_disc"]:                                                                # Eq. 9, no reversal
             out["modality_logits"] = self.modality_discriminator(torch.cat([private[m] for m in self.modalities]))
         if on["orthogonality"]: out["orthogonal_pairs"] = [(shared[m], private[m]) for m in self.modalities]
         return out
 
 # %% ../../nbs/51_fdrl.ipynb #4461b70b
-def fdrl_terms(outputs: dict, batch: dict, normalize_orthogonality: bool = False) -> dict[str, torch.Tensor]:
+def fdrl_terms(outputs: dict, batch: dict, orthogonality: str = "misa") -> dict[str, torch.Tensor]:
     "FDRL's loss terms (Eqs. 4, 5, 9, 10, 11, 14) from the model's outputs; an absent part gives 0 (no gradient)."
     y, logits = batch["label"], outputs["logits"].float()
     zero, domain = logits.new_zeros(()), outputs["domain"]
@@ -112,42 +117,78 @@ def fdrl_terms(outputs: dict, batch: dict, normalize_orthogonality: bool = False
     if "modality_logits" in outputs:
         terms["modality"] = domain_cross_entropy(outputs["modality_logits"].float(), domain, reduction="mean")
     if "orthogonal_pairs" in outputs:
-        terms["orth"] = sum(orthogonality_loss(s.float(), p.float(), normalize_orthogonality) for s, p in outputs["orthogonal_pairs"])
+        terms["orth"] = sum(orthogonality_loss(s, p, orthogonality) for s, p in outputs["orthogonal_pairs"])
     if "predictor_logits" in outputs:
         terms["predictor"] = torch.stack([F.cross_entropy(z.float(), y) for z in outputs["predictor_logits"]]).mean()
     return terms
 
+def fdrl_discriminator_errors(outputs: dict) -> dict[str, torch.Tensor]:
+    "Error rates (no gradient) of the global and of each local discriminator on the batch: the epsilon of Eqs. 6-7."
+    errors, domain = {}, outputs["domain"]
+    if "global_logits" in outputs: errors["error_global"] = discriminator_error(outputs["global_logits"], domain)
+    if "local_logits" in outputs:
+        errors.update({f"error_local_c{c}": discriminator_error(z, domain, outputs["local_membership"][:, c])
+                       for c, z in enumerate(outputs["local_logits"])})
+    return errors
+
 # %% ../../nbs/51_fdrl.ipynb #75236149
+def applied_mu(mu: float, global_disc: bool, local_disc: bool) -> float:
+    "The mu of Eq. 15 in use: mu with both discriminators, 1 with the local ones only (S2), 0 otherwise (S3; none)."
+    return float(mu) if global_disc and local_disc else float(local_disc)
+
 def fdrl_loss(outputs: dict, batch: dict, state=None, alpha: float = 1.0, beta: float = 0.5, gamma: float = 1.0,
-              mu: float = 0.5, normalize_orthogonality: bool = False):
-    "FDRL's total loss (Eq. 15) and its terms: (loss, {task, global, local, local_c*, modality, orth, predictor, mu})."
-    terms = fdrl_terms(outputs, batch, normalize_orthogonality)
-    has_global, has_local = "global_logits" in outputs, "local_logits" in outputs
-    mu = float(mu) if has_global and has_local else float(has_local)
+              mu: float = 0.5, orthogonality: str = "misa"):
+    "FDRL's total loss (Eq. 15) and its log {task, global, local(_c*), modality, orth, predictor, error_*, mu}."
+    terms = fdrl_terms(outputs, batch, orthogonality)
+    mu = applied_mu(mu, "global_logits" in outputs, "local_logits" in outputs)
     loss = (terms["task"] + alpha * ((1 - mu) * terms["global"] + mu * terms["local"])
             + beta * (terms["modality"] + terms["orth"]) + gamma * terms["predictor"])
-    return loss, {**{k: v.detach() for k, v in terms.items()}, "mu": torch.tensor(mu)}
+    logged = {**{k: v.detach() for k, v in terms.items()}, **fdrl_discriminator_errors(outputs), "mu": torch.tensor(mu)}
+    return loss, logged
 
 # %% ../../nbs/51_fdrl.ipynb #e187ff42
+MU_ESTIMATORS = ("error", "loss", "daan_code")
+
+def _per_class(record: dict, prefix: str) -> list[float]:
+    found = {int(k[len(prefix):]): v for k, v in record.items() if re.fullmatch(re.escape(prefix) + r"\d+", k)}
+    return [found[c] for c in sorted(found)]
+
+def fdrl_a_distances(record: dict, estimator: str = "error") -> tuple[float, list[float]]:
+    "(d_A,g, [d_A,l^c]) of Eqs. 6-7 from an epoch record's `train_*` means, as `estimator` (MU_ESTIMATORS) reads them."
+    if estimator == "error":
+        return (error_a_distance(record["train_error_global"]),
+                [error_a_distance(e) for e in _per_class(record, "train_error_local_c")])
+    local = [a_distance(v) for v in _per_class(record, "train_local_c")]
+    if estimator == "loss": return a_distance(record["train_global"]), local
+    if estimator == "daan_code": return a_distance(0.05 * record["train_global"]), local
+    raise ValueError(f"mu_estimator must be one of {MU_ESTIMATORS}, got {estimator!r}")
+
 class FDRLObjective:
-    "FDRL's loss for `fit` (Eq. 15), holding the dynamic factor mu, updated once per epoch (Eq. 8) as a callback."
+    "FDRL's loss for `fit` (Eq. 15), holding the dynamic factor mu, updated once per epoch (Eqs. 6-8) as a callback."
     def __init__(self, alpha: float = 1.0, beta: float = 0.5, gamma: float = 1.0, mu: float = 0.5,
-                 dynamic_mu: bool = True, mu_complement: bool = False, normalize_orthogonality: bool = False):
+                 dynamic_mu: bool = True, mu_estimator: str = "error", orthogonality: str = "misa"):
+        if mu_estimator not in MU_ESTIMATORS:
+            raise ValueError(f"mu_estimator must be one of {MU_ESTIMATORS}, got {mu_estimator!r}")
+        if orthogonality not in ("misa", "literal"):
+            raise ValueError(f"orthogonality must be 'misa' or 'literal', got {orthogonality!r}")
         self.alpha, self.beta, self.gamma, self.mu = alpha, beta, gamma, float(mu)
-        self.dynamic_mu, self.mu_complement, self.normalize_orthogonality = dynamic_mu, mu_complement, normalize_orthogonality
+        self.dynamic_mu, self.mu_estimator, self.orthogonality = dynamic_mu, mu_estimator, orthogonality
 
     def __call__(self, outputs: dict, batch: dict, state=None):
-        return fdrl_loss(outputs, batch, state, self.alpha, self.beta, self.gamma, self.mu, self.normalize_orthogonality)
+        return fdrl_loss(outputs, batch, state, self.alpha, self.beta, self.gamma, self.mu, self.orthogonality)
 
     def on_epoch_end(self, model, state, record: dict):
-        "Update mu from the epoch's mean global and per-class local discriminator losses (Eqs. 6-8)."
-        local = [v for k, v in record.items() if re.fullmatch(r"train_local_c\d+", k)]
+        "Log the mu applied in this epoch (`mu`); estimate the next one (`mu_next`) from its discriminators (Eqs. 6-8)."
         switches = getattr(model, "switches", {})
-        if self.dynamic_mu and switches.get("global_disc") and switches.get("local_disc") and local and "train_global" in record:
-            self.mu = dynamic_factor(record["train_global"], local, fallback=self.mu, complement=self.mu_complement)
-            record["a_distance_global"] = a_distance(record["train_global"])
-            record["a_distance_local"] = sum(a_distance(v) for v in local) / len(local)
-        record["mu"] = self.mu
+        has_global, has_local = bool(switches.get("global_disc")), bool(switches.get("local_disc"))
+        record["mu"] = applied_mu(self.mu, has_global, has_local)
+        if self.dynamic_mu and has_global and has_local:
+            d_global, d_local = fdrl_a_distances(record, self.mu_estimator)
+            self.mu = dynamic_factor(d_global, d_local, fallback=self.mu, complement=self.mu_estimator == "daan_code")
+            finite = [v for v in d_local if math.isfinite(v)]
+            record["a_distance_global"] = d_global
+            record["a_distance_local"] = sum(finite) / len(finite) if finite else float("nan")
+        record["mu_next"] = applied_mu(self.mu, has_global, has_local)
 
     def state_dict(self) -> dict: return {"mu": self.mu}
     def load_state_dict(self, d: dict): self.mu = float(d.get("mu", self.mu))

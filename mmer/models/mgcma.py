@@ -20,16 +20,17 @@ __all__ = ['STAGES', 'PAPER', 'DistributionConstructor', 'DistributionAlignment'
 
 # %% ../../nbs/52_mgcma.ipynb #60d0696e
 class DistributionConstructor(nn.Module):
-    "Fig. 2: self-attention, then mu and sigma branches (linear, residual, LayerNorm): (B, T, D), (B, T) -> mu, sigma (B, T, D)."
+    "Fig. 2: self-attention, its output divided into a mu and a sigma branch: (B, T, D), (B, T) -> mu, sigma (B, T, D)."
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
+        if width % 2: raise ValueError(f"the constructor divides its width into a mu and a sigma half, got odd {width}")
         self.attention = AttentionBlock(width, heads, dropout, residual=False, norm=False)    # Eqs. 1-3
-        self.mu_branch, self.sigma_branch = nn.Linear(width, width), nn.Linear(width, width)
-        self.mu_norm, self.sigma_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mu_branch, self.sigma_branch = nn.Linear(width // 2, width), nn.Linear(width // 2, width)
+        self.mu_norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
-        concat = self.attention(x, key_mask=mask)
-        return self.mu_norm(x + self.mu_branch(concat)), F.softplus(self.sigma_norm(x + self.sigma_branch(concat)))
+        mu_half, sigma_half = self.attention(x, key_mask=mask).chunk(2, dim=-1)     # Concat, divided into two branches
+        return self.mu_norm(x + self.mu_branch(mu_half)), F.softplus(self.sigma_branch(sigma_half))
 
 # %% ../../nbs/52_mgcma.ipynb #2cf69500
 def _pooled(seqs: dict, masks: dict) -> dict:
@@ -50,11 +51,14 @@ class DistributionAlignment(nn.Module):
     def forward(self, seqs: dict, masks: dict):
         mus, sigmas = {}, {}
         for m in self.modalities: mus[m], sigmas[m] = self.constructors[m](seqs[m], masks[m])
-        dists = {m: (masked_mean(mus[m], masks[m]), masked_mean(sigmas[m], masks[m])) for m in self.modalities}
-        extras = {"distributions": dists}
-        if len(self.modalities) == 2:
-            (mu_s, sigma_s), (mu_t, sigma_t) = (tuple(t.float() for t in dists[m]) for m in self.modalities)
-            extras["dist_similarity"] = -self.log_scale.exp() * wasserstein2_diag(mu_s, sigma_s, mu_t, sigma_t) + self.bias
+        with torch.autocast(mus[self.modalities[0]].device.type, enabled=False):          # Eqs. 4-5 in float32
+            pool = lambda x, m: masked_mean(x.float(), masks[m])
+            dists = {m: (pool(mus[m], m), pool(sigmas[m], m)) for m in self.modalities}
+            extras = {"distributions": dists}
+            if len(self.modalities) == 2:
+                (mu_s, sigma_s), (mu_t, sigma_t) = (dists[m] for m in self.modalities)
+                distance = wasserstein2_diag(mu_s, sigma_s, mu_t, sigma_t)
+                extras["dist_similarity"] = -self.log_scale.exp() * distance + self.bias
         return mus, extras
 
 class TokenAlignmentBlock(nn.Module):
@@ -89,8 +93,9 @@ class InstanceAlignment(nn.Module):
 
     def forward(self, seqs: dict, masks: dict):
         if len(self.modalities) < 2: return seqs, {}
-        speech, text = (F.normalize(masked_mean(seqs[m], masks[m]).float(), dim=-1) for m in self.modalities)
-        return seqs, {"inst_similarity": speech @ text.T}
+        with torch.autocast(seqs[self.modalities[0]].device.type, enabled=False):      # cosines in float32 (Eq. 9-11)
+            speech, text = (F.normalize(masked_mean(seqs[m].float(), masks[m]), dim=-1) for m in self.modalities)
+            return seqs, {"inst_similarity": speech @ text.T}
 
 # %% ../../nbs/52_mgcma.ipynb #c3270b25
 STAGES = ("DAM", "TAM", "IAM")
