@@ -19,11 +19,12 @@ export MPLBACKEND := Agg
 .PHONY: env repro test test-fast bench export
 env: $(VENV)/.installed
 
-# torch first and alone: pinned, so a CPU machine takes the CPU wheel and nothing pulls CUDA builds.
-$(VENV)/.installed: settings.ini setup.py
+# Every version from the lock file constraints.txt; torch first and alone, so a CPU machine takes the CPU wheel and
+# nothing pulls CUDA builds.
+$(VENV)/.installed: settings.ini setup.py constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $@
 

@@ -1,4 +1,4 @@
-"Packaging for mmer: metadata and pinned requirements come from settings.ini (nbdev 2 convention)."
+"Packaging for mmer: metadata and requirement ranges come from settings.ini (nbdev 2 convention); exact pins: constraints.txt."
 from configparser import ConfigParser
 import setuptools
 
@@ -16,7 +16,8 @@ setuptools.setup(
     python_requires=">=" + cfg["min_python"],
     install_requires=cfg["requirements"].split(),
     extras_require={"dev": cfg["dev_requirements"].split()},
-    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+                  "console_scripts": ["mmer=mmer.cli:main"]},
     include_package_data=True,
     zip_safe=False,
 )

@@ -59,6 +59,8 @@ def adapt_and_cache(params: dict, modality: str, fold: int, frames: dict, out_di
     # padding-dependent outputs, so speech is cached one utterance at a time: the cache then does not
     # depend on how utterances were batched.
     freeze(encoder)
+    if metrics or getattr(encoder, "depends_on_texts", False):         # trained or fold-made here: keep it for the bundles
+        encoder.save_pretrained(Path(features_dir) / "encoders" / modality)
     split, layers = {s: frames[s] for s in ("train", "val", "test")}, cache_layers(params, modality)
     stem, key_parts = Path(features_dir) / modality, cache_key_parts(params, modality, split)
     shared = not metrics and not getattr(encoder, "depends_on_texts", False)       # the same in every fold

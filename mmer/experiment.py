@@ -80,6 +80,10 @@ def _run_variant(task: dict) -> dict:
     key = run_key(params, section, fold, cfg, config, split)
     result, metrics = train_and_test(model, inputs.loaders, Path(task["runs_dir"]) / name, ctx.out_dir, cfg, key, loss_fn, callbacks)
     if paper.after is not None: metrics.update(paper.after(config, result, inputs.loaders, ctx) or {})
+    if task.get("models_dir") and name == paper.main_variant:              # the paper's main model, as a reusable bundle
+        from mmer.bundle import save_bundle
+        encoders_dir = Path(task["features_dir"]) / "encoders" if task["features_dir"] else None
+        save_bundle(result.model, config, ctx, task["models_dir"], encoders_dir, inputs.layers)
     return {"name": name, "metrics": metrics, "seconds": round(result.seconds, 2), "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch, "resumed_from": result.resumed_from}
 
@@ -91,9 +95,10 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs=None, variants=None,
-                 progress: bool = True, workers=None, split: dict | None = None) -> dict:
+                 progress: bool = True, workers=None, split: dict | None = None, models_dir=None) -> dict:
     """Train and test every variant of `params[section]` (or those in `variants`) on `fold`; returns {variant: test
-    metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text)."""
+    metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text); with
+    `models_dir`, the paper's main variant is saved there as a bundle (`mmer.bundle`)."""
     from tqdm.auto import tqdm
     sec, classes = params[section], class_names(params)
     unknown = sorted(set(variants or []) - set(sec["variants"]))
@@ -109,7 +114,8 @@ def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, r
         raise ValueError(f"paper {section!r} is defined in __main__ (a notebook or script), which worker processes cannot "
                          f"import: register it in a module, or run with workers=1")
     tasks = [dict(params=params, section=section, name=n, fold=fold, classes=classes, train_cfg=cfg, split=split,
-                  features_dir=features_dir, out_dir=str(out_dir), runs_dir=str(runs_dir), paper_module=module) for n in names]
+                  features_dir=features_dir, out_dir=str(out_dir), runs_dir=str(runs_dir), paper_module=module,
+                  models_dir=str(models_dir) if models_dir else None) for n in names]
     start, done = time.perf_counter(), {}
     bar = tqdm(total=len(tasks), desc=f"{section} fold {fold}", disable=not progress or workers == 1, unit="variant")
     if workers == 1:
@@ -137,12 +143,12 @@ def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, r
 
 # %% ../nbs/39_experiment.ipynb #3e72057f
 def run_experiment(section: str, fold: int, features_dir, out_dir, runs_dir, params_file="params.yaml", epochs=None,
-                   variants=None, progress: bool = True, workers=None, **extras) -> dict:
+                   variants=None, progress: bool = True, workers=None, models_dir=None, **extras) -> dict:
     "Run `section`'s variants on `fold` as configured in `params_file`; `extras` go to the paper's `prepare`."
     params, paper = resolve_profile(load_params(params_file)), PAPERS.get(section)
     params, split = paper.prepare(params, fold, **extras) if paper.prepare else (params, None)
     print(describe_data(params)); print(describe_encoders(params), f"Profile: {params['profile']}.")
-    return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split)
+    return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split, models_dir)
 
 # %% ../nbs/39_experiment.ipynb #a5e1d0c2
 @torch.no_grad()

@@ -292,11 +292,12 @@ def split_loaders(split: dict, classes, batch_size: int, seed: int = 0, stores: 
 
 # %% ../nbs/22_features.ipynb #78ee79b8
 class Inputs(NamedTuple):
-    "A variant's inputs: loaders, width and number of hidden states per modality, live encoders (or None)."
+    "A variant's inputs: loaders, width and number of hidden states per modality, live encoders (or None), cached layers."
     loaders: dict
     dims: dict
     encoders: dict | None
     num_hidden_states: dict
+    layers: dict = {}                   # the hidden states each cached input keeps (None: all)
 
 _STORES: dict = {}
 
@@ -321,8 +322,9 @@ def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size
     for store in stores.values():
         for frame in split.values(): store.check_texts(frame)
     live = [m for m in modalities if m not in stores]
-    hidden = {m: s.num_hidden_states for m, s in stores.items()}
-    if not live: return Inputs(split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None, hidden)
+    hidden, layers = {m: s.num_hidden_states for m, s in stores.items()}, {m: s.layers for m, s in stores.items()}
+    if not live:
+        return Inputs(split_loaders(split, classes, batch_size, seed, stores=stores), {m: s.dim for m, s in stores.items()}, None, hidden, layers)
     texts = list(split["train"]["text"])
     if any(m != "text" for m in live):
         from mmer.data.iemocap import check_audio
@@ -330,4 +332,4 @@ def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size
     encoders = {m: build_encoder(enc[m], texts=texts if m == "text" else None) for m in live}
     loaders = split_loaders(split, classes, batch_size, seed, stores=stores, encoders=encoders, max_seconds=enc.get("max_seconds"))
     hidden.update({m: e.num_hidden_states for m, e in encoders.items()})
-    return Inputs(loaders, {m: stores[m].dim if m in stores else encoders[m].dim for m in modalities}, encoders, hidden)
+    return Inputs(loaders, {m: stores[m].dim if m in stores else encoders[m].dim for m in modalities}, encoders, hidden, layers)

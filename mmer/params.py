@@ -30,6 +30,7 @@ class EncoderSpec(Section):
     seed: Optional[int] = None
     allow_download: Optional[bool] = None
     do_normalize: Optional[bool] = None
+    cache_layers: Optional[list[int]] = None         # the hidden states cached for this encoder (None: encoders.cache_layers)
 
 class Train(Section):
     "`mmer.train.TrainConfig`'s fields (all optional: a section gives what it changes) and the worker processes."

