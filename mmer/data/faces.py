@@ -12,8 +12,9 @@ from .video import write_clip
 
 # %% auto #0
 __all__ = ['FACE_FEATURES', 'EXPRESSIONS', 'ALIASES', 'P_OWN', 'P_NEUTRAL', 'INTENSITY', 'FEATURE_NOISE', 'SKINS', 'HAIRS',
-           'DIALOG_FPS', 'FACE_SIZE', 'expression', 'shown_expression', 'face_features', 'draw_face', 'speaker_style',
-           'utterance_face', 'talk_level', 'render_face', 'listener_face', 'dialog_frames', 'write_dialog_video']
+           'DIALOG_FPS', 'FACE_SIZE', 'expression', 'shown_expression', 'face_features', 'draw_face',
+           'studio_background', 'speaker_style', 'utterance_face', 'talk_level', 'render_face', 'listener_face',
+           'dialog_frames', 'write_dialog_video']
 
 # %% ../../nbs/15_data_faces.ipynb #c194631d
 FACE_FEATURES = ("mouth_curve", "mouth_open", "mouth_width", "brow_tilt", "brow_raise", "eye_open", "sneer")
@@ -100,22 +101,26 @@ def draw_face(features, height: int = 64, width: int | None = None, skin=(224, 1
     _blend(img, np.minimum(inside, _cover(np.abs(v - centre) - gap / 2, px) * (gap > 0.01)), (60, 20, 30))
     return np.clip(np.rint(img * brightness), 0, 255).astype(np.uint8)
 
-# %% ../../nbs/15_data_faces.ipynb #67db28b2
-SKINS = [(236, 188, 150), (224, 172, 140), (198, 140, 105), (160, 110, 80), (120, 80, 58), (245, 205, 175)]
-HAIRS = [(40, 30, 25), (90, 60, 35), (160, 120, 60), (200, 170, 110), (110, 40, 20), (60, 60, 60)]
+# %% ../../nbs/15_data_faces.ipynb #f185bbc2
+SKINS = [(224, 172, 140), (212, 158, 126), (234, 184, 152), (200, 148, 116)]
+HAIRS = [(70, 45, 30), (45, 32, 25), (100, 68, 42), (80, 80, 80)]
 
-def speaker_style(seed: int) -> dict:
+def studio_background(seed: int) -> tuple[int, int, int]:
+    "A muted grey-blue background colour, drawn from `seed` (one per recording session or camera)."
+    return tuple(int(c) for c in np.array([100, 110, 125]) + np.random.default_rng(seed).integers(-8, 9, 3))
+
+def speaker_style(seed: int, background: tuple | None = None) -> dict:
     "A speaker's constant look: skin, hair and background colours and a head scale."
     rng = np.random.default_rng(seed)
     return dict(skin=SKINS[rng.integers(len(SKINS))], hair=HAIRS[rng.integers(len(HAIRS))],
-                background=tuple(int(c) for c in rng.integers(60, 170, 3)), scale=float(rng.uniform(0.9, 1.05)))
+                background=background or studio_background(int(rng.integers(2**31))), scale=float(rng.uniform(0.97, 1.02)))
 
 def utterance_face(emotion: str, classes, seed: int) -> dict:
     "What one utterance of `emotion` shows: the expression drawn, its features (7,) and the nuisance of the shot."
     rng = np.random.default_rng(seed)
     shown = shown_expression(emotion, classes, rng)
-    return dict(shown=shown, features=face_features(shown, rng), dx=float(rng.uniform(-3, 3)), dy=float(rng.uniform(-3, 3)),
-                scale=float(rng.uniform(0.93, 1.05)), brightness=float(rng.uniform(0.85, 1.1)),
+    return dict(shown=shown, features=face_features(shown, rng), dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1)),
+                scale=float(rng.uniform(0.98, 1.02)), brightness=float(rng.uniform(0.97, 1.03)),
                 phase=float(rng.uniform(0, 2 * np.pi)), pace=float(rng.uniform(2.5, 4.5)))
 
 def talk_level(t: float, face: dict) -> float:
@@ -128,14 +133,14 @@ def render_face(face: dict, style: dict, height: int, width: int | None = None, 
     return draw_face(face["features"], height, width, skin=style["skin"], hair=style["hair"], background=style["background"],
                      dx=face["dx"], dy=face["dy"], scale=style["scale"] * face["scale"], talk=talk, brightness=face["brightness"])
 
-# %% ../../nbs/15_data_faces.ipynb #76c6bd55
+# %% ../../nbs/15_data_faces.ipynb #b35a8a53
 DIALOG_FPS, FACE_SIZE = 10, 64
 
 def listener_face(seed: int) -> dict:
     "A near-neutral face (noise only) for a speaker who listens or rests."
     rng = np.random.default_rng(seed)
     return dict(shown="neu", features=expression("neu") + rng.normal(0, FEATURE_NOISE / 2, len(FACE_FEATURES)),
-                dx=float(rng.uniform(-2, 2)), dy=float(rng.uniform(-2, 2)), scale=1.0, brightness=float(rng.uniform(0.9, 1.05)))
+                dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1)), scale=1.0, brightness=float(rng.uniform(0.97, 1.03)))
 
 def dialog_frames(turns: list[dict], duration: float, styles: dict, sides=("F", "M"), fps: int = DIALOG_FPS,
                   size: int = FACE_SIZE, seed: int = 0):

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..core import write_text
-from .faces import DIALOG_FPS, FACE_SIZE, P_NEUTRAL, P_OWN, speaker_style, utterance_face, write_dialog_video
+from .faces import (DIALOG_FPS, FACE_SIZE, P_NEUTRAL, P_OWN, speaker_style, studio_background, utterance_face,
+                             write_dialog_video)
 
 # %% auto #0
 __all__ = ['EMOTIONS', 'PER_SPEAKER', 'SPOKEN', 'SPEAKERS', 'VOICES', 'DIALOGS', 'PROSODY', 'ESPEAK_PARAMETER', 'CENTRE',
@@ -234,7 +235,8 @@ def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar, video: b
     write_text(evaluation / "Categorical" / f"{dialog}_e1_cat.txt", "".join(cat))
     write_text(sdir / "dialog" / "transcriptions" / f"{dialog}.txt", "".join(trans))
     if video:
-        styles = {s: speaker_style(seed) for s, seed in utts[0]["looks"].items()}
+        studio = studio_background(utts[0]["looks"]["F"])             # one background per session
+        styles = {s: speaker_style(seed, studio) for s, seed in utts[0]["looks"].items()}
         write_dialog_video(sdir / "dialog" / "avi" / "DivX" / f"{dialog}.avi", turns, t + 1.0, styles, seed=utts[0]["face_seed"])
     return seconds
 

@@ -28,15 +28,14 @@ def _av():
     import av
     return av
 
-# %% ../../nbs/14_data_video.ipynb #1a1cad68
-_CONTAINERS = {".avi": ("avi", "mpeg4"), ".mp4": ("mp4", "libx264")}
+# %% ../../nbs/14_data_video.ipynb #006708de
+_CONTAINERS = {".avi": ("avi", "XVID"), ".mp4": ("mp4", None)}    # container format, codec tag of the video
 
-def _add_video_stream(container, codec: str, fps: int, width: int, height: int):
-    stream = container.add_stream(codec, rate=fps)
+def _add_video_stream(container, fps: int, width: int, height: int, tag: str | None):
+    stream = container.add_stream("mpeg4", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.codec_context.thread_count = 1
-    if codec == "libx264": stream.options = {"crf": "20", "preset": "veryfast", "threads": "1"}
-    else: stream.codec_context.bit_rate, stream.codec_tag = 300_000, "XVID"
+    stream.codec_context.thread_count, stream.codec_context.bit_rate = 1, 300_000
+    if tag: stream.codec_tag = tag
     return stream
 
 def _add_audio_stream(container, audio: np.ndarray, sample_rate: int):
@@ -64,12 +63,12 @@ def write_clip(path, frames: Iterable[np.ndarray], fps: int, audio: np.ndarray |
     if path.suffix not in _CONTAINERS: raise ValueError(f"{path}: expected a .avi or .mp4 file name")
     if audio is not None and (path.suffix != ".mp4" or not sample_rate):
         raise ValueError(f"{path}: sound is written to .mp4 clips only, and needs a sample_rate")
-    fmt, codec = _CONTAINERS[path.suffix]
+    fmt, tag = _CONTAINERS[path.suffix]
     frames, av = iter(frames), _av()
     first = next(frames, None)
     if first is None: raise ValueError(f"{path}: no frames to write")
     with atomic_path(path) as tmp, av.open(str(tmp), "w", format=fmt) as container:
-        stream = _add_video_stream(container, codec, fps, first.shape[1], first.shape[0])
+        stream = _add_video_stream(container, fps, first.shape[1], first.shape[0], tag)
         if audio is not None: sound, audio = _add_audio_stream(container, audio, sample_rate)   # streams first
         for i, image in enumerate(itertools.chain([first], frames)):
             if image.shape != first.shape or image.dtype != np.uint8:
@@ -172,7 +171,7 @@ def read_segments(path, segments: list[tuple[np.ndarray, str]], size: int | None
         out.append(resize_frames(cropped, size) if size else cropped)
     return out
 
-# %% ../../nbs/14_data_video.ipynb #6fecbb64
+# %% ../../nbs/14_data_video.ipynb #45073847
 VIDEO_DEFAULTS = dict(fps=2, max_frames=16, size=64, crop="speaker_half", speaker_side={"F": "left", "M": "right"},
                       session_speaker_side={})
 
@@ -202,7 +201,7 @@ def iemocap_video_columns(df: pd.DataFrame, release, video: dict | None = None) 
     return df.assign(video=paths, video_start=df["start"].astype(float), video_end=df["end"].astype(float),
                      video_crop=[speaker_crop(u, video) for u in df["utt_id"]])
 
-# %% ../../nbs/14_data_video.ipynb #70c9f719
+# %% ../../nbs/14_data_video.ipynb #0e38a50d
 def utterance_frames(df: pd.DataFrame, video: dict | None = None, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     "(utt_id, frames (n, size, size, 3) uint8) for every row of `df` (columns utt_id, video, video_start, video_end, video_crop)."
     video = video_config(video)
@@ -214,7 +213,7 @@ def utterance_frames(df: pd.DataFrame, video: dict | None = None, progress: bool
                     for s, e, c in zip(rows["video_start"], rows["video_end"], rows["video_crop"])]
         yield from zip(rows["utt_id"], read_segments(path, segments, size=video["size"]))
 
-# %% ../../nbs/14_data_video.ipynb #e70c4334
+# %% ../../nbs/14_data_video.ipynb #e8b9a937
 def _decode_sound(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
     "(C, S) float32 and the sample rate of the first audio stream of `path`."
     av = _av()
