@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .core import atomic_path
-from .data.iemocap import label_to_index, load_wav
+from .data.iemocap import label_to_index
+from .data.video import load_audio
 from .encoders import EncoderOutput, encoder_fingerprint
 
 # %% auto #0
@@ -24,7 +25,7 @@ __all__ = ['UtteranceDataset', 'raw_collate', 'cache_hidden_states', 'FeatureSto
 
 # %% ../nbs/22_features.ipynb #3388eb23
 class UtteranceDataset(Dataset):
-    "Utterances of `df` (columns utt_id, label, wav, text) as dicts of waveform, text and class index."
+    "Utterances of `df` (columns utt_id, label, wav (a wav file or a clip), text) as dicts of waveform, text and class index."
     def __init__(self, df: pd.DataFrame, classes: list[str], crop_seconds: float | None = None,
                  sample_rate: int = 16000, seed: int = 0):
         self.df, self.classes, self.sample_rate = df.reset_index(drop=True), list(classes), sample_rate
@@ -36,7 +37,7 @@ class UtteranceDataset(Dataset):
 
     def __getitem__(self, i):
         row = self.df.iloc[i]
-        wave = load_wav(row["wav"], self.sample_rate)
+        wave = load_audio(row["wav"], self.sample_rate)
         if self.crop and len(wave) > self.crop:
             start = int(self.rng.integers(0, len(wave) - self.crop + 1))
             wave = wave[start:start + self.crop]
