@@ -17,9 +17,9 @@ from .encoders import ENCODERS, EncoderOutput, EncoderUnavailableError, _quiet_h
 # %% auto #0
 __all__ = ['TINY_EFFICIENTNET', 'VideoEncoder', 'build_video_encoder']
 
-# %% ../nbs/23_video_encoders.ipynb #34188a83
+# %% ../nbs/23_video_encoders.ipynb #94218673
 class VideoEncoder(nn.Module):
-    "A frozen image model on every frame: frames (B, T, H, W, 3) uint8 and lengths (B,) -> `EncoderOutput` (one state, (B, T, dim))."
+    "A frozen image model on every frame: frames (B, T, H, W, 3) uint8, lengths (B,) -> `EncoderOutput` ((B, T, dim))."
     modality = "video"
 
     def __init__(self, model: nn.Module, image_processor, spec: dict):
@@ -29,7 +29,7 @@ class VideoEncoder(nn.Module):
         self.pooling = getattr(model.config, "pooling_type", "mean")
 
     def pixel_values(self, frames) -> torch.Tensor:
-        "(N, H, W, 3) uint8 RGB frames -> (N, 3, S, S) float: the model's own image processor (resize, rescale, normalise)."
+        "(N, H, W, 3) uint8 RGB frames -> (N, 3, S, S) float, by the model's image processor (resize, normalise)."
         frames = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames: expected (N, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
@@ -42,7 +42,7 @@ class VideoEncoder(nn.Module):
         return maps.amax((2, 3)) if self.pooling == "max" else maps.mean((2, 3))
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-        "frames (B, T, H, W, 3) uint8, zero-padded after `lengths` (B,) -> hidden state (B, T, dim) (0 at padding), mask (B, T)."
+        "frames (B, T, H, W, 3) uint8, padded after `lengths` (B,) -> state (B, T, dim) (0 at padding), mask (B, T)."
         B, T = frames.shape[:2]
         mask = torch.arange(T, device=frames.device)[None] < lengths.to(frames.device)[:, None]
         features = torch.zeros(B, T, self.dim, device=next(self.model.parameters()).device)

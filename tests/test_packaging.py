@@ -86,6 +86,12 @@ def test_every_name_in_params_resolves():
             if modality not in encoders: continue
             name = encoders[modality]["name"]
             assert name in ENCODERS, f"params.yaml {where}.{modality}.name {name!r} is not a registered offline encoder"
+    import mmer.video_encoders  # noqa: F401  (registers tiny-efficientnet)
+    for modality in ("video", "text"):
+        name = params["wavfusion"]["encoders"][modality]["name"]
+        assert name in ENCODERS, f"params.yaml wavfusion.encoders.{modality}.name {name!r} is not a registered offline encoder"
+        kind = ENCODERS.get(name)
+        assert (modality == "video") == (kind.__module__ == "mmer.video_encoders"), f"{name!r} is not a {modality} encoder"
     for section in ("baseline", "fdrl", "mgcma"):
         assert section in MODELS, f"params.yaml section {section!r} has no registered model"
     from mmer.experiment import variant_config

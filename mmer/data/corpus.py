@@ -31,7 +31,7 @@ def corpus_root(params: dict) -> Path:
     return Path(d["iemocap_root"]).expanduser() if d.get("iemocap_root") else Path(d["embedded"]["out"]) / "IEMOCAP_full_release"
 
 def protocol(params: dict) -> str:
-    "`data.protocol`: 'loso' (leave one session out over `data.folds`) or 'session5' (train 1-4, test 5); default 'loso'."
+    "`data.protocol`: 'loso' (leave one session out over `data.folds`, the default) or 'session5' (train 1-4, test 5)."
     name = params["data"].get("protocol", "loso")
     if name not in PROTOCOLS: raise ValueError(f"params data.protocol must be one of {PROTOCOLS}, got {name!r}")
     return name
@@ -41,7 +41,8 @@ def protocol_folds(params: dict) -> list[int]:
     return [5] if protocol(params) == "session5" else list(params["data"]["folds"])
 
 def _protocol_words(params: dict) -> str:
-    if protocol(params) == "session5": return "sessions 1-4 for training (validation drawn from them), session 5 for testing"
+    if protocol(params) == "session5":
+        return "sessions 1-4 for training (validation drawn from them), session 5 for testing"
     return f"leave-one-session-out over sessions {params['data']['folds']}"
 
 def describe_data(params: dict, corpus: str = "iemocap") -> str:
@@ -50,8 +51,9 @@ def describe_data(params: dict, corpus: str = "iemocap") -> str:
     if corpus == "meld":
         m = d.get("meld") or {}
         if not m.get("root"):
-            return (f"Data: the embedded SYNTHETIC MELD (espeak-ng speech, drawn faces and scripted text in the MELD layout, "
-                    f"seed {(m.get('embedded') or {}).get('seed', 0)}); it is NOT MELD and its numbers are not comparable "
+            seed = (m.get("embedded") or {}).get("seed", 0)
+            return (f"Data: the embedded SYNTHETIC MELD (espeak-ng speech, drawn faces and scripted text in the MELD "
+                    f"layout, seed {seed}); it is NOT MELD and its numbers are not comparable "
                     "to the papers'. 7 classes, MELD's predefined train / dev / test splits.")
         return f"Data: MELD at {m['root']}, 7 classes, the predefined train / dev / test splits."
     if corpus != "iemocap": raise ValueError(f"corpus: expected 'iemocap' or 'meld', got {corpus!r}")
@@ -103,10 +105,11 @@ def _start_embedded_meld(params: dict) -> subprocess.Popen | None:
     e = m.get("embedded") or {}
     cmd = [sys.executable, "-m", "mmer.data.synth_meld", "--out", str(e.get("out", "data/embedded")),
            "--seed", str(e.get("seed", 0)), "--quiet"]
+    if e.get("per_class"): cmd += ["--per-class", str(int(e["per_class"]))]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def prepare_corpus(params_file="params.yaml") -> Path:
-    "Make the embedded corpora, or validate the real IEMOCAP / MELD roots; returns the IEMOCAP folder the experiments read."
+    "Make the embedded corpora, or check the real IEMOCAP / MELD roots; returns the IEMOCAP folder the experiments read."
     params = load_params(params_file)
     out = Path(params["data"]["embedded"]["out"])
     began, meld_job = time.time(), _start_embedded_meld(params)
@@ -124,7 +127,8 @@ def prepare_corpus(params_file="params.yaml") -> Path:
         print(f"embedded MELD -> {meld_root(params)} ({time.time() - began:.1f} s after the start)")
     elif (params["data"].get("meld") or {}).get("root"):
         dm = load_meld(params)
-        write_text(out / "MELD_NOT_USED.md", f"params.yaml points at MELD ({meld_root(params)}, {len(dm)} usable utterances); "
+        write_text(out / "MELD_NOT_USED.md", f"params.yaml points at MELD ({meld_root(params)}, {len(dm)} usable "
+                                              "utterances); "
                                               "the embedded MELD was not generated.\n")
     return corpus_root(params)
 

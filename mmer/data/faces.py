@@ -16,7 +16,7 @@ __all__ = ['FACE_FEATURES', 'EXPRESSIONS', 'ALIASES', 'P_OWN', 'P_NEUTRAL', 'INT
            'studio_background', 'speaker_style', 'utterance_face', 'talk_level', 'render_face', 'listener_face',
            'dialog_frames', 'write_dialog_video']
 
-# %% ../../nbs/15_data_faces.ipynb #c194631d
+# %% ../../nbs/15_data_faces.ipynb #e55e09cf
 FACE_FEATURES = ("mouth_curve", "mouth_open", "mouth_width", "brow_tilt", "brow_raise", "eye_open", "sneer")
 EXPRESSIONS = {           # prototype feature vectors, in the order of FACE_FEATURES
     "neu": [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
@@ -36,11 +36,12 @@ INTENSITY, FEATURE_NOISE = (0.4, 1.0), 0.2
 def expression(name: str) -> np.ndarray:
     "The prototype feature vector (7,) of an emotion (IEMOCAP's or MELD's label names)."
     key = ALIASES.get(name, name)
-    if key not in EXPRESSIONS: raise ValueError(f"expression: expected one of {sorted(EXPRESSIONS) + sorted(ALIASES)}, got {name!r}")
+    if key not in EXPRESSIONS:
+        raise ValueError(f"expression: expected one of {sorted(EXPRESSIONS) + sorted(ALIASES)}, got {name!r}")
     return np.array(EXPRESSIONS[key], dtype=float)
 
 def shown_expression(emotion: str, classes, rng: np.random.Generator) -> str:
-    "The emotion whose face an utterance of `emotion` shows: itself (P_OWN), neutral (P_NEUTRAL), else another non-neutral one of `classes`."
+    "The emotion whose face an utterance of `emotion` shows: itself, neutral, or another non-neutral one of `classes`."
     neutral = "neutral" if "neutral" in classes else "neu"
     r = rng.random()
     if r < P_OWN: return emotion
@@ -51,9 +52,10 @@ def shown_expression(emotion: str, classes, rng: np.random.Generator) -> str:
 def face_features(shown: str, rng: np.random.Generator) -> np.ndarray:
     "Features (7,) of one utterance's face: neutral + intensity x (prototype - neutral) + noise."
     neutral = expression("neu")
-    return neutral + rng.uniform(*INTENSITY) * (expression(shown) - neutral) + rng.normal(0, FEATURE_NOISE, len(FACE_FEATURES))
+    intensity = rng.uniform(*INTENSITY)
+    return neutral + intensity * (expression(shown) - neutral) + rng.normal(0, FEATURE_NOISE, len(FACE_FEATURES))
 
-# %% ../../nbs/15_data_faces.ipynb #f5278611
+# %% ../../nbs/15_data_faces.ipynb #0ce2f5c7
 def _cover(distance: np.ndarray, pixel: float) -> np.ndarray:
     "Coverage in [0, 1] from a signed distance (negative inside), with a one-pixel ramp."
     return np.clip(0.5 - distance / pixel, 0.0, 1.0)
@@ -87,7 +89,8 @@ def draw_face(features, height: int = 64, width: int | None = None, skin=(224, 1
     for side in (-1, 1):
         eye = _ellipse(u, v, 0.32 * side, -0.15, 0.17, max(0.015, 0.11 * eye_open))
         _blend(img, _cover(eye, px), (245, 245, 245))
-        _blend(img, np.minimum(_cover(eye, px), _cover(_ellipse(u, v, 0.32 * side, -0.15, 0.065, 0.065), px)), (40, 30, 30))
+        pupil = _ellipse(u, v, 0.32 * side, -0.15, 0.065, 0.065)
+        _blend(img, np.minimum(_cover(eye, px), _cover(pupil, px)), (40, 30, 30))
         inner = (0.13 * side, -0.39 - 0.11 * raise_ - 0.12 * tilt)
         outer = (0.50 * side, -0.41 - 0.11 * raise_ + 0.10 * tilt)
         _blend(img, _cover(_segment(u, v, inner, outer, 0.045), px), hair)
@@ -101,7 +104,7 @@ def draw_face(features, height: int = 64, width: int | None = None, skin=(224, 1
     _blend(img, np.minimum(inside, _cover(np.abs(v - centre) - gap / 2, px) * (gap > 0.01)), (60, 20, 30))
     return np.clip(np.rint(img * brightness), 0, 255).astype(np.uint8)
 
-# %% ../../nbs/15_data_faces.ipynb #f185bbc2
+# %% ../../nbs/15_data_faces.ipynb #3791adbf
 SKINS = [(224, 172, 140), (212, 158, 126), (234, 184, 152), (200, 148, 116)]
 HAIRS = [(70, 45, 30), (45, 32, 25), (100, 68, 42), (80, 80, 80)]
 
@@ -113,13 +116,15 @@ def speaker_style(seed: int, background: tuple | None = None) -> dict:
     "A speaker's constant look: skin, hair and background colours and a head scale."
     rng = np.random.default_rng(seed)
     return dict(skin=SKINS[rng.integers(len(SKINS))], hair=HAIRS[rng.integers(len(HAIRS))],
-                background=background or studio_background(int(rng.integers(2**31))), scale=float(rng.uniform(0.97, 1.02)))
+                background=background or studio_background(int(rng.integers(2**31))),
+                scale=float(rng.uniform(0.97, 1.02)))
 
 def utterance_face(emotion: str, classes, seed: int) -> dict:
     "What one utterance of `emotion` shows: the expression drawn, its features (7,) and the nuisance of the shot."
     rng = np.random.default_rng(seed)
     shown = shown_expression(emotion, classes, rng)
-    return dict(shown=shown, features=face_features(shown, rng), dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1)),
+    return dict(shown=shown, features=face_features(shown, rng),
+                dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1)),
                 scale=float(rng.uniform(0.98, 1.02)), brightness=float(rng.uniform(0.97, 1.03)),
                 phase=float(rng.uniform(0, 2 * np.pi)), pace=float(rng.uniform(2.5, 4.5)))
 
@@ -130,17 +135,19 @@ def talk_level(t: float, face: dict) -> float:
 
 def render_face(face: dict, style: dict, height: int, width: int | None = None, talk: float = 0.0) -> np.ndarray:
     "One frame of `face` (from `utterance_face`, or a listener's) in the speaker's `style`."
-    return draw_face(face["features"], height, width, skin=style["skin"], hair=style["hair"], background=style["background"],
-                     dx=face["dx"], dy=face["dy"], scale=style["scale"] * face["scale"], talk=talk, brightness=face["brightness"])
+    return draw_face(face["features"], height, width, skin=style["skin"], hair=style["hair"],
+                     background=style["background"], dx=face["dx"], dy=face["dy"],
+                     scale=style["scale"] * face["scale"], talk=talk, brightness=face["brightness"])
 
-# %% ../../nbs/15_data_faces.ipynb #b35a8a53
+# %% ../../nbs/15_data_faces.ipynb #6f5ec813
 DIALOG_FPS, FACE_SIZE = 10, 64
 
 def listener_face(seed: int) -> dict:
     "A near-neutral face (noise only) for a speaker who listens or rests."
     rng = np.random.default_rng(seed)
     return dict(shown="neu", features=expression("neu") + rng.normal(0, FEATURE_NOISE / 2, len(FACE_FEATURES)),
-                dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1)), scale=1.0, brightness=float(rng.uniform(0.97, 1.03)))
+                dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1)), scale=1.0,
+                brightness=float(rng.uniform(0.97, 1.03)))
 
 def dialog_frames(turns: list[dict], duration: float, styles: dict, sides=("F", "M"), fps: int = DIALOG_FPS,
                   size: int = FACE_SIZE, seed: int = 0):

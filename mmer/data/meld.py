@@ -17,8 +17,8 @@ _log = logging.getLogger("mmer.data.meld")
 
 # %% auto #0
 __all__ = ['MELD_CLASSES', 'MELD_SENTIMENTS', 'MELD_SPLITS', 'SPLIT_OF', 'MELD_CSV_COLUMNS', 'TEST_PREFIX', 'MELD_COUNTS',
-           'COLUMNS', 'find_meld', 'parse_meld_time', 'fix_text', 'read_meld_csv', 'split_folder', 'find_clip',
-           'clip_problem', 'read_meld', 'make_fake_meld']
+           'COLUMNS', 'find_meld', 'parse_meld_time', 'format_meld_time', 'fix_text', 'read_meld_csv', 'split_folder',
+           'find_clip', 'clip_problem', 'read_meld', 'make_fake_meld']
 
 # %% ../../nbs/16_data_meld.ipynb #d3586b66
 MELD_CLASSES = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
@@ -46,7 +46,7 @@ def find_meld(root) -> Path:
     raise FileNotFoundError(f"{root}: expected {', '.join(c for c, _ in MELD_SPLITS.values())} here or in MELD.Raw/, "
                             f"found {found[:8] or 'an empty folder'}")
 
-# %% ../../nbs/16_data_meld.ipynb #3584ee4a
+# %% ../../nbs/16_data_meld.ipynb #772eeb05
 _TIME = re.compile(r"\s*(\d{1,2}):(\d{1,2}):(\d{1,2})[,.](\d{1,3})\s*")
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-",
                          "\u2026": "...", "\u00a0": " "})
@@ -58,13 +58,21 @@ def parse_meld_time(value: str) -> float:
     h, mi, s, ms = m.groups()
     return int(h) * 3600 + int(mi) * 60 + int(s) + int(ms.ljust(3, "0")) / 1000
 
+def format_meld_time(seconds: float, hour_digits: int = 2) -> str:
+    "MELD's time format: 'HH:MM:SS,mmm' (or 'H:MM:SS,mmm' with `hour_digits=1`)."
+    ms = int(round(seconds * 1000))
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    return f"{h:0{hour_digits}d}:{m:02d}:{rest // 1000:02d},{rest % 1000:03d}"
+
 def fix_text(text: str) -> str:
     "MELD's utterance text with Windows-1252 punctuation read as Latin-1 (e.g. '\\x92') repaired, quotes made ASCII."
-    text = "".join(bytes([ord(c)]).decode("cp1252", errors="replace") if 0x80 <= ord(c) <= 0x9f else c for c in str(text))
+    text = "".join(bytes([ord(c)]).decode("cp1252", errors="replace") if 0x80 <= ord(c) <= 0x9f else c
+                   for c in str(text))
     text = unicodedata.normalize("NFC", text).translate(_QUOTES)
     return re.sub(r"\s+", " ", text).strip()
 
-# %% ../../nbs/16_data_meld.ipynb #31776c24
+# %% ../../nbs/16_data_meld.ipynb #f4100798
 def read_meld_csv(path) -> pd.DataFrame:
     "One MELD CSV as a table: dialogue, utterance, speaker, text, label, sentiment, season, episode, start, end."
     path = Path(path)
@@ -73,18 +81,21 @@ def read_meld_csv(path) -> pd.DataFrame:
     except UnicodeDecodeError: text = raw.decode("cp1252", errors="replace")
     df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     if missing := [c for c in MELD_CSV_COLUMNS if c not in df.columns]:
-        raise ValueError(f"{path}: expected the columns {MELD_CSV_COLUMNS}, missing {missing} (found {list(df.columns)})")
+        raise ValueError(f"{path}: expected the columns {MELD_CSV_COLUMNS}, missing {missing} "
+                         f"(found {list(df.columns)})")
     rows = []
     for i, r in enumerate(df.to_dict("records")):
         where = f"{path}:{i + 2}"                                     # line numbers count the header
         label, sentiment = r["Emotion"].strip().lower(), r["Sentiment"].strip().lower()
-        if label not in MELD_CLASSES: raise ValueError(f"{where}: unknown emotion {r['Emotion']!r}; expected one of {MELD_CLASSES}")
+        if label not in MELD_CLASSES:
+            raise ValueError(f"{where}: unknown emotion {r['Emotion']!r}; expected one of {MELD_CLASSES}")
         if sentiment not in MELD_SENTIMENTS:
             raise ValueError(f"{where}: unknown sentiment {r['Sentiment']!r}; expected one of {list(MELD_SENTIMENTS)}")
         try:
-            rows.append(dict(dialogue=int(r["Dialogue_ID"]), utterance=int(r["Utterance_ID"]), speaker=r["Speaker"].strip(),
-                             text=fix_text(r["Utterance"]), label=label, sentiment=sentiment, season=int(r["Season"]),
-                             episode=int(r["Episode"]), start=parse_meld_time(r["StartTime"]), end=parse_meld_time(r["EndTime"])))
+            rows.append(dict(dialogue=int(r["Dialogue_ID"]), utterance=int(r["Utterance_ID"]),
+                             speaker=r["Speaker"].strip(), text=fix_text(r["Utterance"]), label=label,
+                             sentiment=sentiment, season=int(r["Season"]), episode=int(r["Episode"]),
+                             start=parse_meld_time(r["StartTime"]), end=parse_meld_time(r["EndTime"])))
         except ValueError as e: raise ValueError(f"{where}: {e}") from e
     out = pd.DataFrame(rows, columns=["dialogue", "utterance", "speaker", "text", "label", "sentiment", "season",
                                       "episode", "start", "end"])
@@ -117,7 +128,7 @@ def clip_problem(path) -> tuple[str | None, float | None]:
     if not info["duration"] or info["duration"] <= 0: return f"{path}: zero duration", info["duration"]
     return None, info["duration"]
 
-# %% ../../nbs/16_data_meld.ipynb #07bb1b9a
+# %% ../../nbs/16_data_meld.ipynb #16c1bb79
 def _examples(ids: list[str], n: int = 5) -> str: return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
 
 def read_meld(root, check_clips: bool = True, long_seconds: float = 30.0, progress: bool = False) -> pd.DataFrame:
@@ -135,10 +146,12 @@ def read_meld(root, check_clips: bool = True, long_seconds: float = 30.0, progre
         if missing or broken:
             parts = [f"{len(ids)} {what} ({_examples(ids, 3)})" for what, ids in
                      (("without a clip", missing), ("with a broken clip", broken)) if ids]
-            _log.warning(f"{clips}: skipped {len(missing) + len(broken)} of {len(table)} {split} utterances: {'; '.join(parts)}")
+            _log.warning(f"{clips}: skipped {len(missing) + len(broken)} of {len(table)} {split} utterances: "
+                         + "; ".join(parts))
         table = table.assign(clip=paths, duration=durations)
         table = table[table["clip"].notna()]
-        frames.append(table.assign(utt_id=[f"{split}_dia{d}_utt{u}" for d, u in zip(table["dialogue"], table["utterance"])],
+        ids = [f"{split}_dia{d}_utt{u}" for d, u in zip(table["dialogue"], table["utterance"])]
+        frames.append(table.assign(utt_id=ids,
                                    split=SPLIT_OF[split], meld_split=split))
     df = pd.concat(frames, ignore_index=True)
     df = df.assign(wav=df["clip"], video=df["clip"], video_start=0.0, video_crop="full",
@@ -148,11 +161,12 @@ def read_meld(root, check_clips: bool = True, long_seconds: float = 30.0, progre
         _log.warning(f"{folder}: {len(long)} clips are longer than {long_seconds:g} s (the longest "
                      f"{long['duration'].max():.0f} s: {long.loc[long['duration'].idxmax(), 'utt_id']}); crop them "
                      "(load_audio max_seconds, the training crop)")
-    _log.info(f"{folder}: {len(df)} utterances, " + ", ".join(f"{s} {n}" for s, n in df["meld_split"].value_counts().items()))
+    counts = ", ".join(f"{s} {n}" for s, n in df["meld_split"].value_counts().items())
+    _log.info(f"{folder}: {len(df)} utterances, {counts}")
     return df[COLUMNS].astype({"dialogue": int, "utterance": int, "season": int, "episode": int, "start": float,
                                "end": float, "duration": float, "video_start": float, "video_end": float})
 
-# %% ../../nbs/16_data_meld.ipynb #47d60284
+# %% ../../nbs/16_data_meld.ipynb #d9692033
 _FAKE_LINES = ["Oh my God, you\x92re here!", "I don\x92t know\x85", "That is so great.", "Get out!", "Why me?",
                "Eww, that is gross."]
 _APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
@@ -172,13 +186,14 @@ def make_fake_meld(root, labels=("neutral", "joy", "anger", "sadness", "surprise
         for d in range(2):
             for u in range(3):
                 label = labels[(3 * d + u + k) % len(labels)]
-                sentiment = "neutral" if label == "neutral" else "positive" if label in ("joy", "surprise") else "negative"
-                start = 60.0 * d + 4.0 * u + 1.059
-                stamp = (lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d},{round(s % 1 * 1000):03d}") \
-                    if split == "test" else (lambda s: f"{int(s // 3600):02d}:{int(s % 3600 // 60):02d}:{int(s % 60):02d},{round(s % 1 * 1000):03d}")
-                rows.append({"Sr No.": n + 1, "Utterance": _FAKE_LINES[(3 * d + u + k) % len(_FAKE_LINES)], "Speaker": ["Ross", "Rachel"][u % 2],
-                             "Emotion": label, "Sentiment": sentiment, "Dialogue_ID": d, "Utterance_ID": u, "Season": 3,
-                             "Episode": 7 + d, "StartTime": stamp(start), "EndTime": stamp(start + 0.5)})
+                sentiment = ("neutral" if label == "neutral" else "positive" if label in ("joy", "surprise")
+                             else "negative")
+                start, hours = 60.0 * d + 4.0 * u + 1.059, 1 if split == "test" else 2      # test: '0:..'
+                rows.append({"Sr No.": n + 1, "Utterance": _FAKE_LINES[(3 * d + u + k) % len(_FAKE_LINES)],
+                             "Speaker": ["Ross", "Rachel"][u % 2], "Emotion": label, "Sentiment": sentiment,
+                             "Dialogue_ID": d, "Utterance_ID": u, "Season": 3, "Episode": 7 + d,
+                             "StartTime": format_meld_time(start, hours),
+                             "EndTime": format_meld_time(start + 0.5, hours)})
                 n += 1
                 if (split, d, u) == ("dev", 1, 2): continue                       # a missing clip
                 name = f"{TEST_PREFIX if (split, d, u) == ('test', 0, 1) else ''}dia{d}_utt{u}.mp4"

@@ -212,7 +212,7 @@ def _emo_block(u, start, end):
     return "\n".join(lines) + "\n\n"
 
 def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar, video: bool = True) -> float:
-    "Write one dialog's wavs, EmoEvaluation, Categorical and transcription files (and its .avi); returns its seconds of audio."
+    "Write one dialog's wavs, EmoEvaluation, Categorical and transcription files (and .avi); returns its seconds of audio."
     dialog, sdir = utts[0]["dialog"], release / f"Session{utts[0]['session']}"
     timed_extra = dialog.split("_", 1)[1] in ("impro02", "script02_1")   # which kind of non-utterance line
     wav_dir = sdir / "sentences" / "wav" / dialog
@@ -227,7 +227,8 @@ def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar, video: b
         cat.append(f"{u['id']} :{u['votes'][0].replace('Neutral', 'Neutral state')}; ()\n")
         trans.append(f"{u['id']} [{start:08.4f}-{end:08.4f}]: {u['transcript']}\n")
         if j == 0 and not timed_extra: trans.append("M: Yeah.\n")
-        turns.append(dict(speaker=u["speaker"], start=start, end=end, face=utterance_face(u["spoken_as"], SPOKEN, u["face_seed"])))
+        face = utterance_face(u["spoken_as"], SPOKEN, u["face_seed"])
+        turns.append(dict(speaker=u["speaker"], start=start, end=end, face=face))
         bar.update()
     if timed_extra: trans.append(f"{dialog}_MXX0 [{t:08.4f}-{t + 1.2:08.4f}]: [LAUGHTER], That's what they say.\n")
     evaluation = sdir / "dialog" / "EmoEvaluation"
@@ -237,7 +238,8 @@ def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar, video: b
     if video:
         studio = studio_background(utts[0]["looks"]["F"])             # one background per session
         styles = {s: speaker_style(seed, studio) for s, seed in utts[0]["looks"].items()}
-        write_dialog_video(sdir / "dialog" / "avi" / "DivX" / f"{dialog}.avi", turns, t + 1.0, styles, seed=utts[0]["face_seed"])
+        avi = sdir / "dialog" / "avi" / "DivX" / f"{dialog}.avi"
+        write_dialog_video(avi, turns, t + 1.0, styles, seed=utts[0]["face_seed"])
     return seconds
 
 # %% ../../nbs/10_data_synth.ipynb #88ed7862
@@ -261,8 +263,8 @@ made by `mmer.data.synth.make_embedded_iemocap` (mmer {__version__}, espeak-ng {
   Text: {P_CUE:.0%} cue phrase (of which {P_FOREIGN_CUE:.0%} from another emotion) + a neutral clause, otherwise
   one of {len(SCRIPT)} fixed neutral lines; `xxx` takes another emotion's prosody and cue.
 - video: {"one MPEG-4 `.avi` per dialog in `Session*/dialog/avi/DivX/`" if video else "none (made with video=False)"},
-  {DIALOG_FPS} fps, {2 * FACE_SIZE} x {FACE_SIZE}: two drawn faces side by side, F left, M right (`mmer.data.faces`). A turn
-  shows its emotion's expression with p {P_OWN}, a neutral face with p {P_NEUTRAL}, another emotion's otherwise,
+  {DIALOG_FPS} fps, {2 * FACE_SIZE} x {FACE_SIZE}: two drawn faces side by side, F left, M right (`mmer.data.faces`).
+  A turn shows its emotion's expression with p {P_OWN}, a neutral face with p {P_NEUTRAL}, another emotion's otherwise,
   at a random intensity with noise on every feature.
 
 Byte-identical output needs a fresh process per corpus: `python -m mmer.data.synth --out <dir> --seed {seed}`.
@@ -280,7 +282,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def make_embedded_iemocap(out_dir, seed: int = 0, n_sessions: int = 5, per_speaker: dict | None = None,
                           progress: bool = True, video: bool = True) -> Path:
-    "Write the synthetic corpus (with a video per dialog unless `video=False`) to `<out_dir>/IEMOCAP_full_release`; that path."
+    "Write the synthetic corpus (a video per dialog unless `video=False`) to `<out_dir>/IEMOCAP_full_release`; that path."
     start, plan = time.time(), plan_corpus(seed, n_sessions, per_speaker)
     counts = dict(PER_SPEAKER if per_speaker is None else per_speaker)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def _av():
     import av
     return av
 
-# %% ../../nbs/14_data_video.ipynb #006708de
+# %% ../../nbs/14_data_video.ipynb #5dd2fcce
 _CONTAINERS = {".avi": ("avi", "XVID"), ".mp4": ("mp4", None)}    # container format, codec tag of the video
 
 def _add_video_stream(container, fps: int, width: int, height: int, tag: str | None):
@@ -51,14 +51,15 @@ def _add_audio_stream(container, audio: np.ndarray, sample_rate: int):
 def _encode_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None:
     av, layout = _av(), stream.layout.name
     for start in range(0, audio.shape[1], 1024):
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start:start + 1024]), format="fltp", layout=layout)
+        chunk = np.ascontiguousarray(audio[:, start:start + 1024])
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
         frame.sample_rate, frame.pts = sample_rate, start
         for packet in stream.encode(frame): container.mux(packet)
     for packet in stream.encode(): container.mux(packet)
 
 def write_clip(path, frames: Iterable[np.ndarray], fps: int, audio: np.ndarray | None = None,
                sample_rate: int | None = None) -> Path:
-    "Write RGB `frames` (each (H, W, 3) uint8) at `fps`, and `audio` at `sample_rate` (.mp4 only), to `path` atomically."
+    "Write RGB `frames` (each (H, W, 3) uint8) at `fps` and `audio` at `sample_rate` (.mp4 only) to `path`, atomically."
     path = Path(path)
     if path.suffix not in _CONTAINERS: raise ValueError(f"{path}: expected a .avi or .mp4 file name")
     if audio is not None and (path.suffix != ".mp4" or not sample_rate):
@@ -99,9 +100,9 @@ def probe_clip(path) -> dict:
                         channels=audio.codec_context.channels if audio else None)
     except av.error.FFmpegError as e: raise ValueError(f"{path}: cannot open the clip ({e})") from e
 
-# %% ../../nbs/14_data_video.ipynb #5c2461a5
+# %% ../../nbs/14_data_video.ipynb #69f99678
 def sample_times(start: float, end: float, fps: float, max_frames: int | None = None) -> np.ndarray:
-    "Times (n,) in seconds: the middles of n equal parts of [start, end), n = max(1, round((end - start) * fps)) <= max_frames."
+    "Times (n,) in s: the middles of n equal parts of [start, end); n = max(1, round((end - start) * fps)), capped."
     if not end > start: raise ValueError(f"expected end > start, got start={start} end={end}")
     if not fps > 0: raise ValueError(f"fps: expected a positive rate, got {fps}")
     n = max(1, int(round((end - start) * fps)))
@@ -132,17 +133,19 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
-# %% ../../nbs/14_data_video.ipynb #899efd90
+# %% ../../nbs/14_data_video.ipynb #778021e8
 def read_segments(path, segments: list[tuple[np.ndarray, str]], size: int | None = None) -> list[np.ndarray]:
     "Decode `path` once; for each (times (n,), crop) the frames shown at those times: list of (n, size, size, 3) uint8."
     path, av = Path(path), _av()
     if not path.is_file(): raise FileNotFoundError(f"{path}: video not found")
-    requests = sorted((float(t), s, k) for s, (times, _) in enumerate(segments) for k, t in enumerate(np.atleast_1d(times)))
+    requests = sorted((float(t), s, k) for s, (times, _) in enumerate(segments)
+                      for k, t in enumerate(np.atleast_1d(times)))
     picked = [[None] * len(np.atleast_1d(times)) for times, _ in segments]
     converted = [None, None]                           # the last frame converted to RGB, and its pixels
 
     def rgb(frame) -> np.ndarray:
-        if converted[0] is not frame: converted[:] = [frame, frame.to_ndarray(format="rgb24")]
+        # reformat() then to_ndarray(): to_ndarray(format=...) costs ~8 ms a frame here, this ~0.1 ms
+        if converted[0] is not frame: converted[:] = [frame, frame.reformat(format="rgb24").to_ndarray()]
         return converted[1]
 
     try:
@@ -171,7 +174,7 @@ def read_segments(path, segments: list[tuple[np.ndarray, str]], size: int | None
         out.append(resize_frames(cropped, size) if size else cropped)
     return out
 
-# %% ../../nbs/14_data_video.ipynb #45073847
+# %% ../../nbs/14_data_video.ipynb #39904855
 VIDEO_DEFAULTS = dict(fps=2, max_frames=16, size=64, crop="speaker_half", speaker_side={"F": "left", "M": "right"},
                       session_speaker_side={})
 
@@ -183,7 +186,7 @@ def video_config(cfg: dict | None = None) -> dict:
     return out
 
 def speaker_crop(utt_id: str, video: dict | None = None) -> str:
-    "'left', 'right' or 'full': where the speaker of IEMOCAP utterance `utt_id` is, by `data.video` (see `video_config`)."
+    "'left', 'right' or 'full': where the speaker of IEMOCAP utterance `utt_id` is, by `data.video` (`video_config`)."
     video = video_config(video)
     if video["crop"] == "full": return "full"
     session, letter = int(utt_id[3:5]), utt_id.rsplit("_", 1)[1][0]
@@ -197,13 +200,15 @@ def speaker_crop(utt_id: str, video: dict | None = None) -> str:
 def iemocap_video_columns(df: pd.DataFrame, release, video: dict | None = None) -> pd.DataFrame:
     "`df` (from `read_iemocap`) with video, video_start, video_end and video_crop columns for each utterance."
     release = Path(release)
-    paths = [str(release / f"Session{s}" / "dialog" / "avi" / "DivX" / f"{d}.avi") for s, d in zip(df["session"], df["dialog"])]
+    paths = [str(release / f"Session{s}" / "dialog" / "avi" / "DivX" / f"{d}.avi")
+             for s, d in zip(df["session"], df["dialog"])]
     return df.assign(video=paths, video_start=df["start"].astype(float), video_end=df["end"].astype(float),
                      video_crop=[speaker_crop(u, video) for u in df["utt_id"]])
 
-# %% ../../nbs/14_data_video.ipynb #0e38a50d
-def utterance_frames(df: pd.DataFrame, video: dict | None = None, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    "(utt_id, frames (n, size, size, 3) uint8) for every row of `df` (columns utt_id, video, video_start, video_end, video_crop)."
+# %% ../../nbs/14_data_video.ipynb #4e71f041
+def utterance_frames(df: pd.DataFrame, video: dict | None = None,
+                     progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    "(utt_id, frames (n, size, size, 3) uint8) per row of `df` (columns utt_id, video, video_start/_end, video_crop)."
     video = video_config(video)
     missing = [c for c in ("utt_id", "video", "video_start", "video_end", "video_crop") if c not in df.columns]
     if missing: raise KeyError(f"utterance_frames: the table lacks the columns {missing}")
@@ -213,7 +218,7 @@ def utterance_frames(df: pd.DataFrame, video: dict | None = None, progress: bool
                     for s, e, c in zip(rows["video_start"], rows["video_end"], rows["video_crop"])]
         yield from zip(rows["utt_id"], read_segments(path, segments, size=video["size"]))
 
-# %% ../../nbs/14_data_video.ipynb #e8b9a937
+# %% ../../nbs/14_data_video.ipynb #2fb6f023
 def _decode_sound(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
     "(C, S) float32 and the sample rate of the first audio stream of `path`."
     av = _av()
@@ -233,7 +238,7 @@ def _decode_sound(path: Path, max_seconds: float | None) -> tuple[np.ndarray, in
     return (sound[:, :int(max_seconds * rate)] if max_seconds else sound), rate
 
 def load_audio(path, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
-    "Samples (T,) float32 at `sample_rate`, mono: a wav via `load_wav`, a clip (mp4, avi, ...) decoded, downmixed, resampled."
+    "Samples (T,) float32, mono, at `sample_rate`: a wav via `load_wav`; a clip decoded, downmixed, resampled."
     path = Path(path)
     if path.suffix.lower() == ".wav":
         x = load_wav(path, sample_rate)
