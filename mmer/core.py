@@ -114,7 +114,8 @@ def torch_save(obj: Any, path) -> Path:
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #44c1fba9
-PATH_KEYS = (("data", "iemocap_root"), ("data", "embedded", "out"), ("asr", "out"), ("asr", "wer_file"))
+PATH_KEYS = (("data", "iemocap_root"), ("data", "embedded", "out"), ("data", "meld", "root"), ("data", "meld", "embedded", "out"),
+             ("asr", "out"), ("asr", "wer_file"), ("wavfusion", "encoders", "features_dir"))
 
 def _resolve_paths(section: dict, base: Path) -> dict:
     "`section` (params or a profile) with its relative path values made relative to `base`."

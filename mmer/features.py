@@ -17,18 +17,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .core import atomic_path
-from .data.iemocap import label_to_index, load_wav
+from .data.iemocap import label_to_index
+from .data.video import load_audio
 from .encoders import EncoderOutput, encoder_fingerprint
 
 # %% auto #0
 __all__ = ['UtteranceDataset', 'raw_collate', 'split_fingerprint', 'cache_layers', 'cache_key_parts', 'cache_files',
-           'cache_hidden_states', 'cache_complete', 'link_cache', 'FeatureStore', 'CachedDataset', 'cached_collate',
-           'cached_loader', 'LengthBucketSampler', 'padding_fraction', 'split_loaders', 'Inputs', 'open_store',
-           'experiment_inputs']
+           'cache_hidden_states', 'cache_complete', 'link_cache', 'write_feature_cache', 'FeatureStore',
+           'CachedDataset', 'cached_collate', 'cached_loader', 'LengthBucketSampler', 'padding_fraction',
+           'split_loaders', 'Inputs', 'open_store', 'experiment_inputs']
 
 # %% ../nbs/22_features.ipynb #3388eb23
 class UtteranceDataset(Dataset):
-    "Utterances of `df` (columns utt_id, label, wav, text) as dicts of waveform, text and class index."
+    "Utterances of `df` (columns utt_id, label, wav (a wav file or a clip), text) as dicts of waveform, text and class index."
     def __init__(self, df: pd.DataFrame, classes: list[str], crop_seconds: float | None = None,
                  sample_rate: int = 16000, seed: int = 0, max_seconds: float | None = None):
         self.df, self.classes, self.sample_rate = df.reset_index(drop=True), list(classes), sample_rate
@@ -45,7 +46,7 @@ class UtteranceDataset(Dataset):
 
     def __getitem__(self, i):
         row = self.df.iloc[i]
-        wave = load_wav(row["wav"], self.sample_rate)
+        wave = load_audio(row["wav"], self.sample_rate)
         if self.max_samples: wave = wave[:self.max_samples]
         if self.crop and len(wave) > self.crop:
             start = int(np.random.default_rng([self.seed, self.epoch, i]).integers(0, len(wave) - self.crop + 1))
@@ -138,6 +139,26 @@ def link_cache(shared, stem, key_parts: dict | None = None) -> Path:
     write_text(cache_files(stem)[0], json.dumps(rec))
     stale = cache_files(stem)[1]
     if stale.exists(): stale.unlink()                          # a frames file of our own from an earlier run
+    return Path(stem)
+
+# %% ../nbs/22_features.ipynb #8f5d365d
+def write_feature_cache(stem, utt_ids: list[str], states, fingerprint: str, modality: str, layers: list[int] | None = None,
+                        key_parts: dict | None = None, texts: dict | None = None) -> Path:
+    "Write a cache from per-utterance states (T, L, D) (any float dtype; stored float16), atomically: what `FeatureStore` reads."
+    import json
+    from mmer.core import atomic_path
+    index, data = cache_files(stem)
+    lengths, shape = [], None
+    with atomic_path(data) as tmp, open(tmp, "wb") as f:
+        for s in states:
+            a = (s.detach().cpu().numpy() if torch.is_tensor(s) else np.asarray(s)).astype(np.float16)
+            if a.ndim != 3 or (shape is not None and a.shape[1:] != shape):
+                raise ValueError(f"{stem}: expected (T, L, D) states with the same L and D for every utterance, got {a.shape}")
+            f.write(a.tobytes()); lengths.append(len(a)); shape = a.shape[1:]
+    record = {"utt_ids": list(utt_ids), "lengths": lengths, "shape": list(shape or (0, 0)), "dtype": "float16", "layers": layers,
+              "fingerprint": fingerprint, "modality": modality, "key_parts": key_parts or {}}
+    if texts is not None: record["texts"] = dict(texts)
+    with atomic_path(index) as tmp: Path(tmp).write_text(json.dumps(record))
     return Path(stem)
 
 # %% ../nbs/22_features.ipynb #d67e2954

@@ -11,9 +11,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 # %% auto #0
 __all__ = ['Modality', 'Layer', 'Stage', 'Stride', 'Baseline', 'FDRL', 'MGCMA', 'LayerAdapter', 'Section', 'EncoderSpec', 'Train',
-           'Adapt', 'Encoders', 'Embedded', 'Data', 'BaselineModel', 'FDRLModel', 'FDRLLoss', 'MGCMAModel', 'MGCMALoss',
-           'LayerAdapterModel', 'NoLoss', 'paper_section', 'AsrSimulated', 'AsrWhisper', 'Asr', 'Profile', 'Params',
-           'check_params']
+           'Adapt', 'Encoders', 'Embedded', 'Video', 'MeldEmbedded', 'Meld', 'Data', 'BaselineModel', 'FDRLModel',
+           'FDRLLoss', 'MGCMAModel', 'MGCMALoss', 'LayerAdapterModel', 'NoLoss', 'paper_section', 'AsrSimulated',
+           'AsrWhisper', 'Asr', 'Profile', 'Params', 'check_params']
 
 # %% ../nbs/01_params.ipynb #01a0c005
 class Section(BaseModel):
@@ -75,11 +75,32 @@ class Embedded(Section):
     sessions: int = 5
     per_speaker: Optional[dict[str, int]] = None
 
+class Video(Section):
+    fps: Optional[float] = None
+    max_frames: Optional[int] = None
+    size: Optional[int] = None
+    crop: Optional[Literal["speaker_half", "full"]] = None
+    speaker_side: Optional[dict[str, Literal["left", "right"]]] = None
+    session_speaker_side: Optional[dict[int, dict[str, Literal["left", "right"]]]] = None
+
+class MeldEmbedded(Section):
+    out: Optional[str] = None
+    seed: Optional[int] = None
+    per_class: Optional[Union[int, dict[str, Any]]] = None
+
+class Meld(Section):
+    root: Optional[str] = None
+    embedded: Optional[MeldEmbedded] = None
+    long_seconds: Optional[float] = None
+
 class Data(Section):
     iemocap_root: Optional[str] = None
     embedded: Optional[Embedded] = None
     classes: Optional[Literal[4, 6]] = None
+    protocol: Optional[Literal["loso", "session5"]] = None
     folds: Optional[list[int]] = None
+    video: Optional[Video] = None
+    meld: Optional[Meld] = None
     check_counts: Optional[Union[bool, Literal["auto"]]] = None   # the published utterance counts (auto: unless embedded)
     val_fraction: Optional[float] = None
     split_seed: Optional[int] = None

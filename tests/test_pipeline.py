@@ -37,6 +37,7 @@ def small_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"]["embedded"].update(sessions=2, per_speaker={"ang": 4, "hap": 2, "exc": 2, "sad": 4, "neu": 4, "fru": 1, "xxx": 1})
     p["data"]["folds"] = [1, 2]
+    p["data"]["meld"]["embedded"]["per_class"] = 2
     p["data"]["val_fraction"] = 0.25
     for m in ("speech", "text"):
         p["encoders"]["adapt"][m]["epochs"] = 1

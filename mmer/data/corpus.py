@@ -4,17 +4,17 @@
 
 # %% ../../nbs/12_data_corpus.ipynb #a2fc1889
 from __future__ import annotations
-import argparse, sys
+import argparse, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
 
 from ..core import load_params, write_text
-from .iemocap import CLASSES_4, CLASSES_6, loso_split, read_iemocap
+from .iemocap import CLASSES_4, CLASSES_6, PROTOCOLS, protocol_split, read_iemocap
 
 # %% auto #0
-__all__ = ['class_names', 'is_embedded', 'corpus_root', 'describe_data', 'describe_encoders', 'load_corpus', 'load_fold',
-           'prepare_corpus']
+__all__ = ['class_names', 'is_embedded', 'corpus_root', 'protocol', 'protocol_folds', 'describe_data', 'describe_encoders',
+           'load_corpus', 'load_fold', 'meld_root', 'load_meld', 'prepare_corpus']
 
 # %% ../../nbs/12_data_corpus.ipynb #6a84d2bc
 def class_names(params: dict) -> list[str]:
@@ -30,14 +30,38 @@ def corpus_root(params: dict) -> Path:
     d = params["data"]
     return Path(d["iemocap_root"]).expanduser() if d.get("iemocap_root") else Path(d["embedded"]["out"]) / "IEMOCAP_full_release"
 
-def describe_data(params: dict) -> str:
-    "A caption for results tables naming the data behind them."
+def protocol(params: dict) -> str:
+    "`data.protocol`: 'loso' (leave one session out over `data.folds`, the default) or 'session5' (train 1-4, test 5)."
+    name = params["data"].get("protocol", "loso")
+    if name not in PROTOCOLS: raise ValueError(f"params data.protocol must be one of {PROTOCOLS}, got {name!r}")
+    return name
+
+def protocol_folds(params: dict) -> list[int]:
+    "The test session of every fold of the configured protocol: `data.folds` for 'loso', [5] for 'session5'."
+    return [5] if protocol(params) == "session5" else list(params["data"]["folds"])
+
+def _protocol_words(params: dict) -> str:
+    if protocol(params) == "session5":
+        return "sessions 1-4 for training (validation drawn from them), session 5 for testing"
+    return f"leave-one-session-out over sessions {params['data']['folds']}"
+
+def describe_data(params: dict, corpus: str = "iemocap") -> str:
+    "A caption for results tables naming the data behind them (`corpus`: 'iemocap' or 'meld')."
     d = params["data"]
+    if corpus == "meld":
+        m = d.get("meld") or {}
+        if not m.get("root"):
+            seed = (m.get("embedded") or {}).get("seed", 0)
+            return (f"Data: the embedded SYNTHETIC MELD (espeak-ng speech, drawn faces and scripted text in the MELD "
+                    f"layout, seed {seed}); it is NOT MELD and its numbers are not comparable "
+                    "to the papers'. 7 classes, MELD's predefined train / dev / test splits.")
+        return f"Data: MELD at {m['root']}, 7 classes, the predefined train / dev / test splits."
+    if corpus != "iemocap": raise ValueError(f"corpus: expected 'iemocap' or 'meld', got {corpus!r}")
     if is_embedded(params):
         return (f"Data: the embedded SYNTHETIC corpus (espeak-ng speech and scripted text in the IEMOCAP layout, "
                 f"seed {d['embedded']['seed']}); it is NOT IEMOCAP and its numbers are not comparable to the papers'. "
-                f"{d['classes']} classes, leave-one-session-out over sessions {d['folds']}.")
-    return f"Data: IEMOCAP at {d['iemocap_root']}, {d['classes']} classes, leave-one-session-out over sessions {d['folds']}."
+                f"{d['classes']} classes, {_protocol_words(params)}.")
+    return f"Data: IEMOCAP at {d['iemocap_root']}, {d['classes']} classes, {_protocol_words(params)}."
 
 def describe_encoders(params: dict) -> str:
     "A caption naming the encoders (and whether they were adapted per fold)."
@@ -52,18 +76,43 @@ def load_corpus(params: dict) -> pd.DataFrame:
     return read_iemocap(corpus_root(params), classes=params["data"]["classes"], check_counts=params["data"].get("check_counts", "auto"))
 
 def load_fold(params: dict, fold: int, df: pd.DataFrame | None = None) -> pd.DataFrame:
-    "The corpus with a `split` column (train / val / test) for leave-one-session-out fold `fold`."
+    "The corpus with a `split` column (train / val / test) for fold `fold` (a test session) of `data.protocol`."
     df = load_corpus(params) if df is None else df
     if fold not in set(df["session"]):
         raise ValueError(f"fold {fold}: no session {fold} in {corpus_root(params)} (sessions found: {sorted(set(df['session']))})")
     d = params["data"]
-    return df.assign(split=loso_split(df, fold, val_fraction=d["val_fraction"], seed=d["split_seed"]).to_numpy())
+    split = protocol_split(df, protocol(params), fold, val_fraction=d["val_fraction"], seed=d["split_seed"])
+    return df.assign(split=split.to_numpy())
+
+# %% ../../nbs/12_data_corpus.ipynb #26241a19
+def meld_root(params: dict) -> Path:
+    "The MELD folder to read: `data.meld.root`, or the embedded MELD's `MELD.Raw` folder."
+    m = params["data"].get("meld") or {}
+    if m.get("root"): return Path(m["root"]).expanduser()
+    return Path((m.get("embedded") or {}).get("out", "data/embedded")) / "MELD.Raw"
+
+def load_meld(params: dict) -> pd.DataFrame:
+    "All usable MELD utterances (missing and broken clips skipped, with a warning) with a train / val / test `split`."
+    from mmer.data.meld import read_meld
+    m = params["data"].get("meld") or {}
+    return read_meld(meld_root(params), long_seconds=m.get("long_seconds", 30.0))
 
 # %% ../../nbs/12_data_corpus.ipynb #67d253a2
+def _start_embedded_meld(params: dict) -> subprocess.Popen | None:
+    "Start `python -m mmer.data.synth_meld` for the embedded MELD (None when `data.meld.root` is set or no `meld`)."
+    m = params["data"].get("meld")
+    if m is None or m.get("root"): return None
+    e = m.get("embedded") or {}
+    cmd = [sys.executable, "-m", "mmer.data.synth_meld", "--out", str(e.get("out", "data/embedded")),
+           "--seed", str(e.get("seed", 0)), "--quiet"]
+    if e.get("per_class"): cmd += ["--per-class", str(int(e["per_class"]))]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
 def prepare_corpus(params_file="params.yaml") -> Path:
-    "Make the embedded corpus, or validate the real IEMOCAP root; returns the folder the experiments read."
+    "Make the embedded corpora, or check the real IEMOCAP / MELD roots; returns the IEMOCAP folder the experiments read."
     params = load_params(params_file)
     out = Path(params["data"]["embedded"]["out"])
+    began, meld_job = time.time(), _start_embedded_meld(params)
     if is_embedded(params):
         from mmer.data.synth import make_embedded_iemocap
         e = params["data"]["embedded"]
@@ -72,6 +121,15 @@ def prepare_corpus(params_file="params.yaml") -> Path:
         df = load_corpus(params)
         write_text(out / "NOT_USED.md", f"params.yaml points at IEMOCAP ({corpus_root(params)}, {len(df)} utterances); "
                                          "the embedded corpus was not generated.\n")
+    if meld_job is not None:
+        _, err = meld_job.communicate()
+        if meld_job.returncode != 0: raise RuntimeError(f"{' '.join(meld_job.args)} failed:\n{err}")
+        print(f"embedded MELD -> {meld_root(params)} ({time.time() - began:.1f} s after the start)")
+    elif (params["data"].get("meld") or {}).get("root"):
+        dm = load_meld(params)
+        write_text(out / "MELD_NOT_USED.md", f"params.yaml points at MELD ({meld_root(params)}, {len(dm)} usable "
+                                              "utterances); "
+                                              "the embedded MELD was not generated.\n")
     return corpus_root(params)
 
 # %% ../../nbs/12_data_corpus.ipynb #908a05b0

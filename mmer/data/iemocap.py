@@ -233,7 +233,7 @@ def check_audio(df: pd.DataFrame, sample_rate: int = 16000, tolerance: float = 0
                          f"the annotated length):\n" + "\n".join(bad[:20]) + more)
 
 # %% ../../nbs/11_data_iemocap.ipynb #dfc1dd11
-PROTOCOLS = ("loso", "holdout")
+PROTOCOLS = ("loso", "session5")
 
 def fold_sessions(df: pd.DataFrame) -> list[int]:
     "The sessions present in `df`, sorted: the test session of each leave-one-session-out fold."
@@ -267,9 +267,12 @@ def loso_split(df: pd.DataFrame, test_session: int, val_fraction: float = 0.1, s
     return holdout_split(df, (test_session,), val_fraction=val_fraction, seed=seed, val_by=val_by)
 
 def protocol_split(df: pd.DataFrame, protocol: str = "loso", fold: int | None = None, **kwargs) -> pd.Series:
-    "The split of `protocol`: 'loso' tests session `fold`; 'holdout' tests session 5 (or `fold`)."
+    "The split of `protocol`: 'loso' tests session `fold`; 'session5' tests session 5 (its one fold), trains on 1-4."
     if protocol == "loso":
         if fold is None: raise ValueError(f"protocol 'loso' needs a fold (a session in {fold_sessions(df)})")
         return loso_split(df, fold, **kwargs)
-    if protocol == "holdout": return holdout_split(df, (5 if fold is None else fold,), **kwargs)
+    if protocol == "session5":
+        if fold not in (None, 5):
+            raise ValueError(f"protocol 'session5' has one fold, the test session 5; got fold {fold}")
+        return holdout_split(df, (5,), **kwargs)
     raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")

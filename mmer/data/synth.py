@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..core import write_text
+from .faces import (DIALOG_FPS, FACE_SIZE, P_NEUTRAL, P_OWN, speaker_style, studio_background, utterance_face,
+                             write_dialog_video)
 
 # %% auto #0
 __all__ = ['EMOTIONS', 'PER_SPEAKER', 'SPOKEN', 'SPEAKERS', 'VOICES', 'DIALOGS', 'PROSODY', 'ESPEAK_PARAMETER', 'CENTRE',
@@ -94,7 +96,7 @@ def utterance_text(emotion: str, rng: np.random.Generator) -> str:
 VAD = dict(ang=(1.8, 3.8, 3.8), hap=(4.0, 3.0, 3.0), exc=(4.0, 3.8, 3.3), sad=(2.0, 2.3, 2.3),
            neu=(3.0, 2.5, 2.7), fru=(2.0, 3.2, 3.0))
 CATEGORY = dict(ang="Anger", hap="Happiness", exc="Excited", sad="Sadness", neu="Neutral", fru="Frustration")
-_LABELS, _SPEAKER, _UTTERANCE = 1, 2, 3   # independent random streams
+_LABELS, _SPEAKER, _UTTERANCE, _FACE = 1, 2, 3, 4   # independent random streams
 
 def _rng(seed, *keys): return np.random.default_rng([seed, *keys])
 
@@ -114,6 +116,7 @@ def plan_corpus(seed: int = 0, n_sessions: int = 5, per_speaker: dict | None = N
             labels = [e for e in EMOTIONS for _ in range(counts.get(e, 0))]
             labels = [labels[i] for i in _rng(seed, _LABELS, session, k).permutation(len(labels))]
             offset = _rng(seed, _SPEAKER, session, k).normal(0, SPEAKER_SD)
+            looks = {s: int(_rng(seed, _FACE, session, j).integers(2**31)) for j, s in enumerate(SPEAKERS)}
             for i, emotion in enumerate(labels):
                 dialog = list(turns)[i % len(turns)]
                 rng = _rng(seed, _UTTERANCE, session, k, i)
@@ -130,7 +133,8 @@ def plan_corpus(seed: int = 0, n_sessions: int = 5, per_speaker: dict | None = N
                     voice=VOICES[session][k], prosody=prosody_for(spoken, offset, rng.normal(0, JITTER_SD)),
                     espeak_seed=int(rng.integers(2**31)), gain_db=float(rng.uniform(-GAIN_DB, GAIN_DB)),
                     snr_db=float(rng.uniform(*SNR_DB)), noise_seed=int(rng.integers(2**31)),
-                    gap=float(rng.uniform(0.3, 1.5)), votes=[CATEGORY[v] for v in votes], vad=vad.tolist()))
+                    gap=float(rng.uniform(0.3, 1.5)), votes=[CATEGORY[v] for v in votes], vad=vad.tolist(),
+                    face_seed=int(_rng(seed, _FACE, session, k, i).integers(2**31)), looks=looks))
         for dialog, by_speaker in turns.items():    # F and M take turns; the longer list finishes alone
             f, m = by_speaker["F"], by_speaker["M"]
             plan += [u for pair in zip(f, m) for u in pair] + f[len(m):] + m[len(f):]
@@ -207,13 +211,13 @@ def _emo_block(u, start, end):
     lines += [f"A-{a}:\tval {v}; act {ac}; dom  {d};\t()" for a, (v, ac, d) in zip(("E3", "E4"), u["vad"])]
     return "\n".join(lines) + "\n\n"
 
-def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar) -> float:
-    "Write one dialog's wavs, EmoEvaluation, Categorical and transcription files; returns its seconds of audio."
+def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar, video: bool = True) -> float:
+    "Write one dialog's wavs, EmoEvaluation, Categorical and transcription files (and .avi); returns its seconds of audio."
     dialog, sdir = utts[0]["dialog"], release / f"Session{utts[0]['session']}"
     timed_extra = dialog.split("_", 1)[1] in ("impro02", "script02_1")   # which kind of non-utterance line
     wav_dir = sdir / "sentences" / "wav" / dialog
     wav_dir.mkdir(parents=True)
-    t, seconds, emo, cat, trans = 1.0, 0.0, [EMO_HEADER], [], []
+    t, seconds, emo, cat, trans, turns = 1.0, 0.0, [EMO_HEADER], [], [], []
     for j, u in enumerate(utts):
         x = render(u, engine)
         sf.write(wav_dir / f"{u['id']}.wav", x, SAMPLE_RATE, subtype="PCM_16")
@@ -223,18 +227,25 @@ def _write_dialog(release: Path, utts: list[dict], engine: Espeak, bar) -> float
         cat.append(f"{u['id']} :{u['votes'][0].replace('Neutral', 'Neutral state')}; ()\n")
         trans.append(f"{u['id']} [{start:08.4f}-{end:08.4f}]: {u['transcript']}\n")
         if j == 0 and not timed_extra: trans.append("M: Yeah.\n")
+        face = utterance_face(u["spoken_as"], SPOKEN, u["face_seed"])
+        turns.append(dict(speaker=u["speaker"], start=start, end=end, face=face))
         bar.update()
     if timed_extra: trans.append(f"{dialog}_MXX0 [{t:08.4f}-{t + 1.2:08.4f}]: [LAUGHTER], That's what they say.\n")
     evaluation = sdir / "dialog" / "EmoEvaluation"
     write_text(evaluation / f"{dialog}.txt", "".join(emo))
     write_text(evaluation / "Categorical" / f"{dialog}_e1_cat.txt", "".join(cat))
     write_text(sdir / "dialog" / "transcriptions" / f"{dialog}.txt", "".join(trans))
+    if video:
+        studio = studio_background(utts[0]["looks"]["F"])             # one background per session
+        styles = {s: speaker_style(seed, studio) for s, seed in utts[0]["looks"].items()}
+        avi = sdir / "dialog" / "avi" / "DivX" / f"{dialog}.avi"
+        write_dialog_video(avi, turns, t + 1.0, styles, seed=utts[0]["face_seed"])
     return seconds
 
 # %% ../../nbs/10_data_synth.ipynb #88ed7862
 RELEASE = "IEMOCAP_full_release"
 
-def _marker(plan, seed, n_sessions, counts, seconds, espeak_version) -> str:
+def _marker(plan, seed, n_sessions, counts, seconds, espeak_version, video=True) -> str:
     four = sum(u["emotion"] in ("ang", "hap", "exc", "sad", "neu") for u in plan)
     voices = ", ".join(f"S{s} {f} / {m}" for s, (f, m) in VOICES.items() if s <= n_sessions)
     return f"""# SYNTHETIC DATA: the mmer embedded corpus, not the IEMOCAP release
@@ -251,6 +262,10 @@ made by `mmer.data.synth.make_embedded_iemocap` (mmer {__version__}, espeak-ng {
   (SD {JITTER_SD.tolist()}); scaled by {HEADROOM}, gain +-{GAIN_DB} dB, white noise at {SNR_DB[0]:g}-{SNR_DB[1]:g} dB SNR.
   Text: {P_CUE:.0%} cue phrase (of which {P_FOREIGN_CUE:.0%} from another emotion) + a neutral clause, otherwise
   one of {len(SCRIPT)} fixed neutral lines; `xxx` takes another emotion's prosody and cue.
+- video: {"one MPEG-4 `.avi` per dialog in `Session*/dialog/avi/DivX/`" if video else "none (made with video=False)"},
+  {DIALOG_FPS} fps, {2 * FACE_SIZE} x {FACE_SIZE}: two drawn faces side by side, F left, M right (`mmer.data.faces`).
+  A turn shows its emotion's expression with p {P_OWN}, a neutral face with p {P_NEUTRAL}, another emotion's otherwise,
+  at a random intensity with noise on every feature.
 
 Byte-identical output needs a fresh process per corpus: `python -m mmer.data.synth --out <dir> --seed {seed}`.
 """
@@ -275,8 +290,8 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 def make_embedded_iemocap(out_dir, seed: int = 0, n_sessions: int = 5, per_speaker: dict | None = None,
-                          progress: bool = True) -> Path:
-    "Write the synthetic corpus to `<out_dir>/IEMOCAP_full_release` (replacing an earlier one) and return that path."
+                          progress: bool = True, video: bool = True) -> Path:
+    "Write the synthetic corpus (a video per dialog unless `video=False`) to `<out_dir>/IEMOCAP_full_release`; that path."
     _check_replaceable(Path(out_dir) / RELEASE)                           # before any work: never replace a real release
     start, plan = time.time(), plan_corpus(seed, n_sessions, per_speaker)
     counts = dict(PER_SPEAKER if per_speaker is None else per_speaker)
@@ -289,8 +304,8 @@ def make_embedded_iemocap(out_dir, seed: int = 0, n_sessions: int = 5, per_speak
         dialogs, seconds = {}, 0.0
         for u in plan: dialogs.setdefault(u["dialog"], []).append(u)
         with tqdm(total=len(plan), desc="embedded IEMOCAP", unit="utt", disable=not progress) as bar:
-            for utts in dialogs.values(): seconds += _write_dialog(tmp, utts, engine, bar)
-        write_text(tmp / "EMBEDDED_CORPUS.md", _marker(plan, seed, n_sessions, counts, seconds, engine.version))
+            for utts in dialogs.values(): seconds += _write_dialog(tmp, utts, engine, bar, video)
+        write_text(tmp / "EMBEDDED_CORPUS.md", _marker(plan, seed, n_sessions, counts, seconds, engine.version, video))
         _replace_dir(tmp, out_dir / RELEASE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -315,9 +330,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--sessions", type=int, default=5, help="number of sessions, 1-5")
     parser.add_argument("--per-speaker", type=_counts, default=None, help="utterances per speaker and label, "
                         "e.g. ang=2,hap=1,sad=2 (default: " + ",".join(f"{k}={v}" for k, v in PER_SPEAKER.items()) + ")")
+    parser.add_argument("--no-video", action="store_true", help="no dialog videos (audio and text only)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
-    return make_embedded_iemocap(args.out, args.seed, args.sessions, args.per_speaker, progress=not args.quiet)
+    return make_embedded_iemocap(args.out, args.seed, args.sessions, args.per_speaker, progress=not args.quiet,
+                                 video=not args.no_video)
 
 # %% ../../nbs/10_data_synth.ipynb #bcb22075
 #| eval: false
