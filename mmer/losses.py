@@ -76,9 +76,10 @@ def symmetric_info_nce(sim: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     logits, targets = sim / tau, torch.arange(len(sim), device=sim.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
-# %% ../nbs/35_losses.ipynb #0fbbf39d
-def margin_triplet_loss(features: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
-    "WavFusion Eq. 13: mean of max(0, margin - cos(i, j) + cos(i, k)) over all valid triplets: (N, D), (N,), (N,) -> scalar."
+# %% ../nbs/35_losses.ipynb #b79791c8
+def margin_triplet_loss(features: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor,
+                        margin: float = 0.5) -> torch.Tensor:
+    "WavFusion Eq. 13: mean of max(0, margin - cos(i, j) + cos(i, k)) over valid triplets: (N, D), (N,), (N,) -> ()."
     if features.dim() != 2 or modality.shape != (len(features),) or labels.shape != (len(features),):
         raise ValueError(f"expected features (N, D), modality (N,) and labels (N,), got {tuple(features.shape)}, "
                          f"{tuple(modality.shape)} and {tuple(labels.shape)}")

@@ -16,17 +16,17 @@ from .layers import AttentionBlock, _check_mask
 # %% auto #0
 __all__ = ['GRUSelfAttention', 'CodewordEncoding', 'LVC1d']
 
-# %% ../nbs/33_sequence_blocks.ipynb #d7a9a727
+# %% ../nbs/33_sequence_blocks.ipynb #10675adf
 def _prefix_lengths(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Lengths (B,) of a (B, T) mask whose valid positions come first; a `ValueError` for any other mask."
     mask = _check_mask(x, mask)
     lengths = mask.sum(1)
     if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
-        raise ValueError("the mask must mark a prefix of each row as valid (padding at the end), as the collate functions do")
+        raise ValueError("the mask must mark a prefix of each row as valid (padding at the end), as collate makes it")
     return lengths
 
 class GRUSelfAttention(nn.Module):
-    "A-GRU (WavFusion Eqs. 2, 6): GRU over the valid positions, then masked self-attention: (B, T, D), (B, T) -> (B, T, width)."
+    "A-GRU (WavFusion Eqs. 2, 6): GRU over valid positions, masked self-attention: (B, T, D), (B, T) -> (B, T, width)."
     def __init__(self, in_dim: int, width: int, heads: int = 4, bidirectional: bool = False, dropout: float = 0.0):
         super().__init__()
         if bidirectional and width % 2: raise ValueError(f"a bidirectional GRU needs an even width, got {width}")
@@ -39,7 +39,7 @@ class GRUSelfAttention(nn.Module):
         states = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]   # F_GRU
         return self.attention(states, key_mask=mask) * mask[..., None].to(states.dtype)
 
-# %% ../nbs/33_sequence_blocks.ipynb #75d10504
+# %% ../nbs/33_sequence_blocks.ipynb #b9b07093
 class CodewordEncoding(nn.Module):
     """CFP's encoding layer (Zhang et al.'s Context Encoding): residuals of each valid position to K learnable
     codewords b_k, softly assigned with scales s_k and summed: (B, T, C), (B, T) -> (B, K, C)."""
@@ -52,14 +52,14 @@ class CodewordEncoding(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = _check_mask(x, mask)
         x, codes = x.float(), self.codewords.float()
-        distances = x.pow(2).sum(-1, keepdim=True) - 2 * x @ codes.T + codes.pow(2).sum(-1)     # ||x_i - b_k||^2: (B, T, K)
+        distances = x.pow(2).sum(-1, keepdim=True) - 2 * x @ codes.T + codes.pow(2).sum(-1)   # ||x_i - b_k||^2
         weights = torch.softmax(self.scale * distances, dim=-1) * mask[..., None]                 # a_ik; 0 at padding
-        return weights.transpose(1, 2) @ x - weights.sum(1)[..., None] * codes                    # sum_i a_ik (x_i - b_k)
+        return weights.transpose(1, 2) @ x - weights.sum(1)[..., None] * codes                  # sum_i a_ik (x_i - b_k)
 
-# %% ../nbs/33_sequence_blocks.ipynb #7a50fd2a
+# %% ../nbs/33_sequence_blocks.ipynb #5010b456
 class LVC1d(nn.Module):
-    """Learnable visual centre (CFP, Quan et al. 2023) over time: a residual bottleneck of 1-D convolutions, weighted per
-    channel by a codebook encoding of its output (WavFusion Eq. 3): (B, T, D), (B, T) -> (B, T, width)."""
+    """Learnable visual centre (CFP, Quan et al. 2023) over time: a residual bottleneck of 1-D convolutions, weighted
+    per channel by a codebook encoding of its output (WavFusion Eq. 3): (B, T, D), (B, T) -> (B, T, width)."""
     def __init__(self, in_dim: int, width: int, num_codes: int = 64, expansion: int = 4):
         super().__init__()
         mid = max(1, width // expansion)
@@ -74,7 +74,7 @@ class LVC1d(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = _check_mask(x, mask)
         valid = mask[..., None]
-        conv = lambda layer, h: layer(h.masked_fill(~valid, 0.0).transpose(1, 2)).transpose(1, 2)   # zeros at padding first
+        conv = lambda layer, h: layer(h.masked_fill(~valid, 0.0).transpose(1, 2)).transpose(1, 2)   # zero the padding
         h = F.relu(self.norm1(conv(self.conv1, x)))
         h = F.relu(self.norm2(conv(self.conv2, h)))
         h = F.relu(self.norm3(conv(self.conv3, h)) + self.shortcut_norm(conv(self.shortcut, x)))   # ConvBlock: X_in
