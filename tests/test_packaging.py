@@ -79,14 +79,14 @@ def test_experiment_notebooks_have_a_parameters_cell():
 def test_every_name_in_params_resolves():
     from mmer.core import MODELS
     from mmer.encoders import ENCODERS
-    import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma, mmer.models.layer_adapter_mf  # noqa: F401  (register)
+    import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma, mmer.models.layer_adapter_mf, mmer.models.wavfusion  # noqa: F401
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for where, encoders in (("encoders", params["encoders"]), ("layer_adapter.encoders", params["layer_adapter"]["encoders"])):
         for modality in ("speech", "text", "context"):
             if modality not in encoders: continue
             name = encoders[modality]["name"]
             assert name in ENCODERS, f"params.yaml {where}.{modality}.name {name!r} is not a registered offline encoder"
-    for section in ("baseline", "fdrl", "mgcma"):
+    for section in ("baseline", "fdrl", "mgcma", "wavfusion"):
         assert section in MODELS, f"params.yaml section {section!r} has no registered model"
     from mmer.experiment import variant_config
     dims = {"speech": 8, "text": 8, "context": 8}
@@ -95,6 +95,27 @@ def test_every_name_in_params_resolves():
         for name, variant in params[section]["variants"].items():
             config = variant_config(params[section], variant or {})
             MODELS.get(model)(4, dims, config["modalities"], **extra, **config["model"])  # every row builds
+    _wavfusion_rows_build(params)
+
+
+def _wavfusion_rows_build(params):
+    "Every wavfusion row, embedded and paper profile, builds from a 12-layer wav2vec 2.0 and runs on a toy batch."
+    import torch
+    from mmer.core import deep_merge
+    from mmer.encoders import EncoderOutput, build_encoder
+    from mmer.experiment import variant_config
+    from mmer.models.wavfusion import build_wavfusion
+    speech = build_encoder({"name": "tiny-wav2vec2", "config": {"num_hidden_layers": 12}})
+    widths, lengths = {"speech": 64, "text": 8, "video": 6}, {"speech": 20, "text": 5, "video": 4}
+    batch = {m: EncoderOutput(tuple(torch.randn(2, lengths[m], d) for _ in range(13 if m == "speech" else 2)),
+                              torch.ones(2, lengths[m], dtype=torch.bool)) for m, d in widths.items()}
+    batch["label"] = torch.tensor([0, 1])
+    for section in (params["wavfusion"], deep_merge(params["wavfusion"], params["profiles"]["paper"]["wavfusion"])):
+        for name, variant in section["variants"].items():
+            config = variant_config(section, variant or {})
+            model, loss_fn, _ = build_wavfusion(config, 6, {m: widths[m] for m in config["modalities"]}, speech_encoder=speech)
+            loss, _ = loss_fn(model(batch), batch)
+            assert torch.isfinite(loss), name
 
 
 def test_package_imports_with_declared_dependencies():
