@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['domain_cross_entropy', 'local_discriminator_losses', 'a_distance', 'error_a_distance', 'discriminator_error',
-           'dynamic_factor', 'orthogonality_loss', 'wasserstein2_diag', 'symmetric_info_nce']
+           'dynamic_factor', 'orthogonality_loss', 'wasserstein2_diag', 'symmetric_info_nce', 'margin_triplet_loss']
 
 # %% ../nbs/35_losses.ipynb #865503d4
 def domain_cross_entropy(logits: torch.Tensor, domain: torch.Tensor, weights: torch.Tensor | None = None,
@@ -99,3 +99,22 @@ def symmetric_info_nce(sim: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     if not tau > 0: raise ValueError(f"temperature tau must be positive, got {tau}")
     logits, targets = sim / tau, torch.arange(len(sim), device=sim.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+# %% ../nbs/35_losses.ipynb #b79791c8
+def margin_triplet_loss(features: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor,
+                        margin: float = 0.5) -> torch.Tensor:
+    "WavFusion Eq. 13: mean of max(0, margin - cos(i, j) + cos(i, k)) over valid triplets: (N, D), (N,), (N,) -> ()."
+    if features.dim() != 2 or modality.shape != (len(features),) or labels.shape != (len(features),):
+        raise ValueError(f"expected features (N, D), modality (N,) and labels (N,), got {tuple(features.shape)}, "
+                         f"{tuple(modality.shape)} and {tuple(labels.shape)}")
+    z = F.normalize(features.float(), dim=-1)
+    cos = z @ z.T
+    total, count = features.sum() * 0.0, 0                              # no valid triplet: zero, attached to the graph
+    for m in modality.unique():
+        anchors, others = (modality == m).nonzero()[:, 0], (modality != m).nonzero()[:, 0]
+        positive = labels[anchors][:, None] == labels[others][None]       # (i, j): other modality, same label
+        negative = labels[anchors][:, None] != labels[anchors][None]      # (i, k): same modality, other label
+        valid = (positive[:, :, None] & negative[:, None, :]).to(cos.dtype)
+        hinge = (margin - cos[anchors][:, others, None] + cos[anchors][:, None, anchors]).clamp(min=0)
+        total, count = total + (hinge * valid).sum(), count + int(valid.sum())
+    return total / max(count, 1)

@@ -124,6 +124,27 @@ def test_every_name_in_params_resolves():
             ctx = VariantContext(params, section, name, 1, ["ang", "hap", "sad", "neu"], {m: dims[m] for m in config["modalities"]},
                                  {m: 3 for m in config["modalities"]}, None, ROOT / "unused")
             paper.build(config, ctx)                                            # every row builds
+    _wavfusion_rows_build(params)
+
+
+def _wavfusion_rows_build(params):
+    "Every wavfusion row, embedded and paper profile, builds from a 12-layer wav2vec 2.0 and runs on a toy batch."
+    import torch
+    from mmer.core import deep_merge
+    from mmer.encoders import EncoderOutput, build_encoder
+    from mmer.experiment import variant_config
+    from mmer.models.wavfusion import build_wavfusion
+    speech = build_encoder({"name": "tiny-wav2vec2", "config": {"num_hidden_layers": 12}})
+    widths, lengths = {"speech": 64, "text": 8, "video": 6}, {"speech": 20, "text": 5, "video": 4}
+    batch = {m: EncoderOutput(tuple(torch.randn(2, lengths[m], d) for _ in range(13 if m == "speech" else 2)),
+                              torch.ones(2, lengths[m], dtype=torch.bool)) for m, d in widths.items()}
+    batch["label"] = torch.tensor([0, 1])
+    for section in (params["wavfusion"], deep_merge(params["wavfusion"], params["profiles"]["paper"]["wavfusion"])):
+        for name, variant in section["variants"].items():
+            config = variant_config(section, variant or {})
+            model, loss_fn, _ = build_wavfusion(config, 6, {m: widths[m] for m in config["modalities"]}, speech_encoder=speech)
+            loss, _ = loss_fn(model(batch), batch)
+            assert torch.isfinite(loss), name
 
 
 def test_package_imports_with_declared_dependencies():
