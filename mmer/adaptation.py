@@ -12,6 +12,7 @@ from .data.corpus import class_names, describe_data, load_fold
 from .data.iemocap import check_audio
 from .encoders import build_encoder, freeze
 from .experiment import resolve_workers, split_fingerprint
+import pandas as pd
 from .features import (UtteranceDataset, cache_complete, cache_hidden_states, cache_key_parts, cache_layers, link_cache,
                            split_loaders)
 from .train import train_and_test
@@ -29,7 +30,7 @@ def stage_params(params: dict, paper: str | None = None) -> dict:
 def stage_inputs(params: dict) -> list[str]:
     "The inputs this stage caches: every configured one, or, when the experiments fine-tune, only the frozen ones."
     enc = params["encoders"]
-    inputs = [m for m in ("speech", "text", "context") if isinstance(enc.get(m), dict)]
+    inputs = [m for m in ("speech", "text", "context", "video") if isinstance(enc.get(m), dict)]
     return [m for m in inputs if not enc["finetune"] or m in set(enc.get("frozen") or [])]
 
 def adapt_and_cache(params: dict, modality: str, fold: int, frames: dict, out_dir, features_dir, runs_dir,
@@ -42,9 +43,10 @@ def adapt_and_cache(params: dict, modality: str, fold: int, frames: dict, out_di
     enc, adapt, classes = params["encoders"], params["encoders"]["adapt"], class_names(params)
     spec = enc[modality]
     seed_everything(params["train"]["seed"])
+    if modality == "video": return _cache_video(params, spec, fold, frames, features_dir, progress)
     encoder = build_encoder(spec, texts=list(frames["train"]["text"]) if modality == "text" else None)
     metrics = {}
-    if adapt["enabled"] and not enc["finetune"]:
+    if adapt["enabled"] and not enc["finetune"] and isinstance(adapt.get(modality), dict):
         cfg = {**{k: v for k, v in params["train"].items() if k != "workers"}, **adapt[modality], "progress": progress}
         if threads: cfg["threads"] = int(threads)
         if epochs: cfg["epochs"] = int(epochs)
@@ -72,10 +74,22 @@ def adapt_and_cache(params: dict, modality: str, fold: int, frames: dict, out_di
     if shared: link_cache(target, stem, key_parts)
     return metrics
 
+def _cache_video(params: dict, spec: dict, fold: int, frames: dict, features_dir, progress: bool) -> dict:
+    "The frozen video encoder's frame features, encoded once for all folds (`mmer.frozen_features`), linked for this fold."
+    from mmer.frozen_features import _build_frozen, cache_video_features
+    split = {s: frames[s] for s in ("train", "val", "test")}
+    video = params["data"].get("video")
+    stem = shared_stem(features_dir, "video", {**spec, "frames": video}, None, frames["all"])
+    if not cache_complete(stem):
+        cache_video_features(_build_frozen("video", spec, pick_device(params["train"]["device"])), frames["all"], stem, video, progress=progress)
+    link_cache(stem, Path(features_dir) / "video", cache_key_parts(params, "video", split))
+    return {}
+
 def shared_stem(features_dir, modality: str, spec: dict, layers, frame) -> Path:
     "Where a fold-independent cache of `frame`'s utterances lives: `<features_dir>/../shared/<modality>-<key>`."
     import os
     from mmer.encoders import encoder_fingerprint
+    frame = frame.sort_values("utt_id")                              # the same utterances in any fold's order: one key
     audio = [os.path.getsize(p) if os.path.exists(p) else -1 for p in frame["wav"]]
     key = fingerprint([encoder_fingerprint(spec), layers, list(frame["utt_id"]), audio, list(frame["text"])])
     return Path(features_dir).parent / "shared" / f"{modality}-{key}"
@@ -84,15 +98,21 @@ def _adapt_task(task: dict) -> dict:
     return adapt_and_cache(**task)
 
 def prepare_encoders(fold: int, out_dir, features_dir, runs_dir, params_file="params.yaml", paper: str | None = None,
-                     transcripts=None, epochs=None, progress: bool = True, workers=None) -> dict:
-    "The encoders stage for `fold`: adapt, freeze and cache every input it owns, in parallel; returns {input: test metrics}."
-    params = stage_params(load_params(params_file), paper)
-    df = load_fold(params, fold)
-    if paper and params[paper].get("text_source", "gold") != "gold":
-        from mmer.asr import apply_transcripts
-        df = apply_transcripts(df, transcripts, params[paper]["text_source"])
-    frames = {"all": df, **{s: df[df["split"] == s] for s in ("train", "val", "test")}}
-    if any(params["encoders"][m]["name"] for m in stage_inputs(params) if m != "text"):
+                     transcripts=None, epochs=None, progress: bool = True, workers=None, corpus: str | None = None) -> dict:
+    """The encoders stage for `fold`: adapt, freeze and cache every input it owns, in parallel; returns {input: test metrics}.
+    With `paper`, that paper's `prepare` gives its parameters (its own encoders) and the fold's tables (e.g. ASR
+    transcripts as the text, or another corpus); `transcripts` and `corpus` are passed to it."""
+    from mmer.core import PAPERS
+    params = resolve_profile(load_params(params_file))
+    extras = {k: v for k, v in dict(transcripts=transcripts, corpus=corpus).items() if v is not None}
+    prepare = PAPERS.get(paper).prepare if paper else None
+    if prepare: params, split = prepare(params, fold, **extras)
+    else:
+        if paper: params = stage_params(params, paper)
+        df = load_fold(params, fold); split = {s: df[df["split"] == s] for s in ("train", "val", "test")}
+    df = pd.concat([split[s] for s in ("train", "val", "test")])
+    frames = {"all": df, **split}
+    if any(m in ("speech", "context") for m in stage_inputs(params)):
         check_audio(df)                                         # every wav, before anything is adapted or cached
     print(describe_data(params), f"Profile: {params['profile']}.")
     print({s: len(frames[s]) for s in ("train", "val", "test")}, "inputs:", {m: params["encoders"][m]["name"] for m in stage_inputs(params)})

@@ -50,9 +50,9 @@ def _qualname(obj) -> str:
 
 # Where each paper's model and experiment entry point are defined (imported on first lookup).
 MODEL_MODULES = {"baseline": "mmer.models.baseline", "fdrl": "mmer.models.fdrl", "mgcma": "mmer.models.mgcma",
-                 "layer_adapter_mf": "mmer.models.layer_adapter_mf"}
+                 "layer_adapter_mf": "mmer.models.layer_adapter_mf", "wavfusion": "mmer.models.wavfusion"}
 PAPER_MODULES = {"baseline": "mmer.models.baseline", "fdrl": "mmer.models.fdrl", "mgcma": "mmer.models.mgcma",
-                 "layer_adapter": "mmer.models.layer_adapter_mf"}
+                 "layer_adapter": "mmer.models.layer_adapter_mf", "wavfusion": "mmer.models.wavfusion"}
 MODELS = Registry("model", MODEL_MODULES)
 register_model = MODELS.register
 PAPERS = Registry("paper", PAPER_MODULES)     # params.yaml section -> `mmer.experiment.Paper` (build, after, ...)

@@ -40,7 +40,7 @@ class EncoderOutput:
 class EncoderUnavailableError(OSError):
     "A named encoder is neither a local folder nor in the local Hugging Face cache (and downloads are off)."
 
-ENCODERS = Registry("encoder")
+ENCODERS = Registry("encoder", modules={"tiny-efficientnet": "mmer.video_encoders"})   # video: imported on first use
 
 # %% ../nbs/20_encoders.ipynb #a3a9fabe
 def _stay_in_eval(module, args):

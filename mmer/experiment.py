@@ -47,6 +47,8 @@ class VariantContext:
     num_hidden_states: dict[str, int] # hidden states per modality (cached or live)
     encoders: dict | None             # live encoders (fine-tuning), else None
     out_dir: Path                     # this variant's result folder
+    features_dir: Path | None = None  # the feature caches (and the encoders stage's saved encoders, `encoders/<input>`)
+    layers: dict | None = None        # the hidden states each cached input keeps (None: all)
     @property
     def n_classes(self) -> int: return len(self.classes)
     @property
@@ -75,7 +77,7 @@ def _run_variant(task: dict) -> dict:
     config = variant_config(params[section], params[section]["variants"][name] or {})
     inputs = experiment_inputs(params, split, task["classes"], config["modalities"], cfg["batch_size"], cfg["seed"], task["features_dir"])
     ctx = VariantContext(params, section, name, fold, task["classes"], inputs.dims, inputs.num_hidden_states, inputs.encoders,
-                         Path(task["out_dir"]) / name)
+                         Path(task["out_dir"]) / name, Path(task["features_dir"]) if task["features_dir"] else None, inputs.layers)
     model, loss_fn, callbacks = paper.build(config, ctx)
     key = run_key(params, section, fold, cfg, config, split)
     result, metrics = train_and_test(model, inputs.loaders, Path(task["runs_dir"]) / name, ctx.out_dir, cfg, key, loss_fn, callbacks)
@@ -148,6 +150,7 @@ def run_experiment(section: str, fold: int, features_dir, out_dir, runs_dir, par
     params, paper = resolve_profile(load_params(params_file)), PAPERS.get(section)
     params, split = paper.prepare(params, fold, **extras) if paper.prepare else (params, None)
     print(describe_data(params)); print(describe_encoders(params), f"Profile: {params['profile']}.")
+    extras.pop("corpus", None)
     return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split, models_dir)
 
 # %% ../nbs/39_experiment.ipynb #a5e1d0c2

@@ -79,7 +79,7 @@ def cache_key_parts(params: dict, modality: str, split: dict) -> dict[str, str]:
     "What determines `modality`'s cache besides the encoder spec: adaptation, utterances, layers (each a fingerprint)."
     from mmer.core import fingerprint
     enc = params["encoders"]; adapt = enc.get("adapt") or {}
-    adapted = bool(adapt.get("enabled")) and not enc.get("finetune", False)
+    adapted = bool(adapt.get("enabled")) and not enc.get("finetune", False) and isinstance(adapt.get(modality), dict)
     train = {k: v for k, v in params.get("train", {}).items() if k not in ("workers", "progress")}
     adaptation = [adapt.get(modality), adapt.get("crop_seconds"), train, params.get("baseline", {}).get("model")] if adapted else "none"
     adapted_on = split_fingerprint({s: split[s] for s in ("train", "val") if s in split}) if adapted else "none"

@@ -10,9 +10,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 # %% auto #0
-__all__ = ['Modality', 'Layer', 'Stage', 'Stride', 'Baseline', 'FDRL', 'MGCMA', 'LayerAdapter', 'Section', 'EncoderSpec', 'Train',
-           'Adapt', 'Encoders', 'Embedded', 'Video', 'MeldEmbedded', 'Meld', 'Data', 'BaselineModel', 'FDRLModel',
-           'FDRLLoss', 'MGCMAModel', 'MGCMALoss', 'LayerAdapterModel', 'NoLoss', 'paper_section', 'AsrSimulated',
+__all__ = ['Modality', 'Layer', 'Stage', 'Stride', 'Baseline', 'FDRL', 'MGCMA', 'LayerAdapter', 'WavFusion', 'Section',
+           'EncoderSpec', 'Train', 'Adapt', 'Encoders', 'Embedded', 'Video', 'MeldEmbedded', 'Meld', 'Data',
+           'BaselineModel', 'FDRLModel', 'FDRLLoss', 'MGCMAModel', 'MGCMALoss', 'LayerAdapterModel', 'WavFusionModel',
+           'WavFusionLoss', 'WavFusionEncoders', 'WavFusionRun', 'NoLoss', 'paper_section', 'AsrSimulated',
            'AsrWhisper', 'Asr', 'Profile', 'Params', 'check_params']
 
 # %% ../nbs/01_params.ipynb #01a0c005
@@ -20,7 +21,7 @@ class Section(BaseModel):
     "A part of params.yaml: unknown keys are refused."
     model_config = ConfigDict(extra="forbid")
 
-Modality = Literal["speech", "text", "context"]
+Modality = Literal["speech", "text", "context", "video"]
 
 class EncoderSpec(Section):
     name: str
@@ -53,16 +54,19 @@ class Train(Section):
     workers: Optional[Union[int, Literal["auto"]]] = None
 
 class Adapt(Section):
+    "Adaptation settings per input; an input without settings (null) is not adapted."
     enabled: bool = True
     crop_seconds: Optional[float] = None
     speech: Optional[Train] = None
     text: Optional[Train] = None
     context: Optional[Train] = None
+    video: Optional[Train] = None
 
 class Encoders(Section):
     speech: Optional[EncoderSpec] = None
     text: Optional[EncoderSpec] = None
     context: Optional[EncoderSpec] = None
+    video: Optional[EncoderSpec] = None
     adapt: Optional[Adapt] = None
     cache_layers: Optional[list[int]] = None
     finetune: Optional[bool] = None
@@ -97,6 +101,7 @@ class Data(Section):
     iemocap_root: Optional[str] = None
     embedded: Optional[Embedded] = None
     classes: Optional[Literal[4, 6]] = None
+    corpus: Optional[Literal["iemocap", "meld"]] = None          # which corpus a run reads (WavFusion: both, in turn)
     protocol: Optional[Literal["loso", "session5"]] = None
     folds: Optional[list[int]] = None
     video: Optional[Video] = None
@@ -177,6 +182,33 @@ class LayerAdapterModel(Section):
     frame_stride: Optional[Stride] = None
     layer_weight_lr_scale: Optional[float] = None
 
+class WavFusionModel(Section):
+    shallow_layers: Optional[int] = None
+    width: Optional[int] = None
+    lvc: Optional[bool] = None
+    heads: Optional[int] = None
+    bidirectional: Optional[bool] = None
+    lvc_codes: Optional[int] = None
+    shared_dim: Optional[int] = None
+    use_margin: Optional[bool] = None
+    dropout: Optional[float] = None
+    frame_stride: Optional[Stride] = None
+    cross_init: Optional[Literal["pretrained", "random"]] = None
+    pretrained_lr_scale: Optional[float] = None
+
+class WavFusionLoss(Section):
+    lambda_margin: Optional[float] = None
+    margin: Optional[float] = None
+
+class WavFusionEncoders(Encoders):
+    "WavFusion's encoders: the shared ones' keys, and where the frozen ones' caches go."
+    features_dir: Optional[str] = None
+    threads: Optional[int] = None
+
+class WavFusionRun(Section):
+    corpus: Literal["iemocap", "meld"]
+    fold: int
+
 class NoLoss(Section):
     "A paper whose loss is plain cross-entropy has no loss settings."
 
@@ -210,6 +242,8 @@ FDRL = paper_section("FDRL", FDRLModel, FDRLLoss)
 MGCMA = paper_section("MGCMA", MGCMAModel, MGCMALoss)
 LayerAdapter = paper_section("LayerAdapter", LayerAdapterModel, text_source=(Optional[Literal["asr", "gold"]], None),
                              encoders=(Optional[Encoders], None))
+WavFusion = paper_section("WavFusion", WavFusionModel, WavFusionLoss, data=(Optional[Data], None),
+                          encoders=(Optional[WavFusionEncoders], None), runs=(Optional[list[WavFusionRun]], None))
 
 class Profile(Section):
     "What a profile changes (`profiles.paper`): any subset of the sections."
@@ -221,6 +255,7 @@ class Profile(Section):
     mgcma: Optional[MGCMA] = None
     asr: Optional[Asr] = None
     layer_adapter: Optional[LayerAdapter] = None
+    wavfusion: Optional[WavFusion] = None
 
 class Params(Profile):
     "The whole of params.yaml."

@@ -258,7 +258,8 @@ def test_layer_adapter_paper_mode_caches_only_the_frozen_context(project, tmp_pa
     transcripts = project / "data" / "asr" / "transcripts.csv"
     papermill(project, "encoders.ipynb", tmp_path / "enc.ipynb", fold=1, params_file=pfile, paper="layer_adapter", transcripts=transcripts,
               out_dir=tmp_path / "enc", features_dir=feats, runs_dir=tmp_path / "encruns")
-    assert sorted(p.name for p in feats.iterdir()) == ["NOT_CACHED.md", "context.f16", "context.json"]      # the frozen input only
+    assert sorted(p.name for p in feats.iterdir()) == ["NOT_CACHED.md", "context.json"]      # the frozen input only,
+    assert sorted(p.suffix for p in (feats.parent / "shared").iterdir()) == [".f16", ".json"]  # encoded once for every fold
     out = tmp_path / "results"
     papermill(project, "layer_adapter.ipynb", tmp_path / "la.ipynb", ["speech_text_context__mf_la"], fold=1, params_file=pfile,
               features_dir=feats, transcripts=transcripts, out_dir=out, runs_dir=tmp_path / "runs")

@@ -18,7 +18,10 @@ __all__ = ['class_names', 'is_embedded', 'corpus_root', 'protocol', 'protocol_fo
 
 # %% ../../nbs/12_data_corpus.ipynb #6a84d2bc
 def class_names(params: dict) -> list[str]:
-    "Class names, in class-index order, for `data.classes` (4 or 6)."
+    "Class names, in class-index order: MELD's 7 when `data.corpus` is meld, else IEMOCAP's for `data.classes` (4 or 6)."
+    if params["data"].get("corpus", "iemocap") == "meld":
+        from mmer.data.meld import MELD_CLASSES
+        return list(MELD_CLASSES)
     n = params["data"]["classes"]
     if n not in (4, 6): raise ValueError(f"params data.classes must be 4 or 6, got {n!r}")
     return CLASSES_4 if n == 4 else CLASSES_6
@@ -45,9 +48,10 @@ def _protocol_words(params: dict) -> str:
         return "sessions 1-4 for training (validation drawn from them), session 5 for testing"
     return f"leave-one-session-out over sessions {params['data']['folds']}"
 
-def describe_data(params: dict, corpus: str = "iemocap") -> str:
-    "A caption for results tables naming the data behind them (`corpus`: 'iemocap' or 'meld')."
+def describe_data(params: dict, corpus: str | None = None) -> str:
+    "A caption for results tables naming the data behind them (`corpus`: 'iemocap' or 'meld'; default `data.corpus`)."
     d = params["data"]
+    corpus = corpus or d.get("corpus", "iemocap")
     if corpus == "meld":
         m = d.get("meld") or {}
         if not m.get("root"):

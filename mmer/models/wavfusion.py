@@ -17,7 +17,8 @@ from .wavfusion_layers import AUXILIARY, deep_layers, speech_model_of
 from ..sequence_blocks import GRUSelfAttention, LVC1d
 
 # %% auto #0
-__all__ = ['MODALITIES', 'WavFusion', 'wavfusion_terms', 'gate_means', 'wavfusion_loss', 'WavFusionObjective', 'build_wavfusion']
+__all__ = ['MODALITIES', 'PAPER', 'WavFusion', 'wavfusion_terms', 'gate_means', 'wavfusion_loss', 'WavFusionObjective',
+           'build_wavfusion', 'prepare', 'build', 'after']
 
 # %% ../../nbs/55b_wavfusion.ipynb #27f583d9
 MODALITIES = ("speech", "text", "video")
@@ -178,3 +179,45 @@ def build_wavfusion(config: dict, n_classes: int, dims: dict, encoders: dict | N
     model = WavFusion(n_classes, dims, modalities, speech_model=speech_model if "speech" in modalities else None,
                       hidden_state_layers=hidden_state_layers, encoders=encoders, **model_config)
     return model, WavFusionObjective(**(config.get("loss") or {})), ()
+
+# %% ../../nbs/55b_wavfusion.ipynb #55b0e102
+from pathlib import Path
+from ..core import deep_merge, register_paper, write_json
+
+def prepare(params: dict, fold: int, corpus: str = "iemocap") -> tuple[dict, dict]:
+    "(params with WavFusion's data and encoders laid over the shared ones, the fold's tables with video columns)."
+    from mmer.data.corpus import corpus_root, load_fold, load_meld
+    from mmer.data.iemocap import find_release
+    from mmer.data.video import iemocap_video_columns
+    section = params["wavfusion"]
+    data = {**deep_merge(params["data"], section.get("data")), "corpus": corpus}
+    own = {k: v for k, v in (section.get("encoders") or {}).items() if k not in ("features_dir", "threads")}
+    params = {**params, "data": data, "encoders": deep_merge(params["encoders"], own)}
+    if corpus == "meld": df = load_meld(params)
+    elif corpus == "iemocap":
+        df = load_fold(params, fold)
+        df = iemocap_video_columns(df, find_release(corpus_root(params)), data.get("video"))
+    else: raise ValueError(f"corpus: expected 'iemocap' or 'meld', got {corpus!r}")
+    return params, {s: df[df["split"] == s] for s in ("train", "val", "test")}
+
+def build(config: dict, ctx) -> tuple:
+    "WavFusion for one variant (`ctx` a `VariantContext`) and its objective (Eq. 15)."
+    saved = Path(ctx.features_dir) / "encoders" / "speech" if ctx.features_dir else None
+    speech = saved if saved is not None and saved.is_dir() else ctx.params["encoders"]["speech"]
+    return build_wavfusion(config, ctx.n_classes, ctx.dims, encoders=ctx.encoders, speech_encoder=speech,
+                           hidden_state_layers=(ctx.layers or {}).get("speech"))
+
+@torch.no_grad()
+def after(config: dict, result, loaders: dict, ctx) -> dict:
+    "Each deep layer's mean gate P (Eq. 10) over the test utterances (also in `gates.json`)."
+    from mmer.train import to_device
+    model, sums, n = result.model.eval(), {}, 0
+    device = next(model.parameters()).device
+    for batch in loaders["test"]:
+        for k, v in gate_means(model(to_device(batch, device))).items(): sums[k] = sums.get(k, 0.0) + float(v) * len(batch["label"])
+        n += len(batch["label"])
+    gates = {k: v / max(n, 1) for k, v in sums.items()}
+    if gates: write_json(ctx.out_dir / "gates.json", gates)
+    return gates
+
+PAPER = register_paper("wavfusion", build, after=after, prepare=prepare, main_variant="A_V_T")
