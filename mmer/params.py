@@ -243,7 +243,7 @@ MGCMA = paper_section("MGCMA", MGCMAModel, MGCMALoss)
 LayerAdapter = paper_section("LayerAdapter", LayerAdapterModel, text_source=(Optional[Literal["asr", "gold"]], None),
                              encoders=(Optional[Encoders], None))
 WavFusion = paper_section("WavFusion", WavFusionModel, WavFusionLoss, data=(Optional[Data], None),
-                          encoders=(Optional[WavFusionEncoders], None), runs=(Optional[list[WavFusionRun]], None))
+                          encoders=(Optional[WavFusionEncoders], None), runs=(Optional[dict[str, WavFusionRun]], None))
 
 class Profile(Section):
     "What a profile changes (`profiles.paper`): any subset of the sections."
