@@ -25,7 +25,7 @@ from .encoders import EncoderOutput, encoder_fingerprint
 __all__ = ['UtteranceDataset', 'raw_collate', 'split_fingerprint', 'cache_layers', 'cache_key_parts', 'cache_files',
            'cache_hidden_states', 'cache_complete', 'link_cache', 'write_feature_cache', 'FeatureStore',
            'CachedDataset', 'cached_collate', 'cached_loader', 'LengthBucketSampler', 'padding_fraction',
-           'split_loaders', 'Inputs', 'open_store', 'experiment_inputs']
+           'split_loaders', 'Inputs', 'input_fingerprint', 'open_store', 'experiment_inputs']
 
 # %% ../nbs/22_features.ipynb #3388eb23
 class UtteranceDataset(Dataset):
@@ -322,6 +322,13 @@ class Inputs(NamedTuple):
 
 _STORES: dict = {}
 
+def input_fingerprint(params: dict, modality: str) -> str:
+    "The fingerprint a cache of `modality` must carry: its encoder's (for video, also the frame sampling of `data.video`)."
+    if modality == "video":
+        from mmer.frozen_features import video_fingerprint
+        return video_fingerprint(params["encoders"]["video"], params["data"].get("video"))
+    return encoder_fingerprint(params["encoders"][modality])
+
 def open_store(stem, fingerprint: str | None = None, key_parts: dict | None = None) -> FeatureStore:
     "A `FeatureStore`, loaded once per process and file version (every variant of a fold reads the same caches)."
     index = cache_files(stem)[0]
@@ -339,7 +346,7 @@ def experiment_inputs(params: dict, split: dict, classes, modalities, batch_size
     frozen = set(enc.get("frozen") or [])
     cached = [m for m in modalities if not enc.get("finetune", False) or m in frozen]
     if cached and features_dir is None: raise ValueError(f"the inputs {cached} are read from the feature cache: give `features_dir`")
-    stores = {m: open_store(Path(features_dir) / m, encoder_fingerprint(enc[m]), cache_key_parts(params, m, split)) for m in cached}
+    stores = {m: open_store(Path(features_dir) / m, input_fingerprint(params, m), cache_key_parts(params, m, split)) for m in cached}
     for store in stores.values():
         for frame in split.values(): store.check_texts(frame)
     live = [m for m in modalities if m not in stores]
