@@ -80,13 +80,14 @@ def test_every_name_in_params_resolves():
     from mmer.core import MODELS
     from mmer.encoders import ENCODERS
     import mmer.models.baseline, mmer.models.fdrl, mmer.models.mgcma, mmer.models.layer_adapter_mf  # noqa: F401  (register)
+    import mmer.models.tdmer  # noqa: F401
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for where, encoders in (("encoders", params["encoders"]), ("layer_adapter.encoders", params["layer_adapter"]["encoders"])):
         for modality in ("speech", "text", "context"):
             if modality not in encoders: continue
             name = encoders[modality]["name"]
             assert name in ENCODERS, f"params.yaml {where}.{modality}.name {name!r} is not a registered offline encoder"
-    for section in ("baseline", "fdrl", "mgcma"):
+    for section in ("baseline", "fdrl", "mgcma", "tdmer"):
         assert section in MODELS, f"params.yaml section {section!r} has no registered model"
     from mmer.experiment import variant_config
     dims = {"speech": 8, "text": 8, "context": 8}
@@ -95,6 +96,31 @@ def test_every_name_in_params_resolves():
         for name, variant in params[section]["variants"].items():
             config = variant_config(params[section], variant or {})
             MODELS.get(model)(4, dims, config["modalities"], **extra, **config["model"])  # every row builds
+
+
+def test_tdmer_section_resolves():
+    "Every TDMER row builds (embedded and paper profiles), uses real switches; the embedded data's defaults agree."
+    from mmer.core import MODELS, resolve_profile
+    from mmer.experiment import variant_config
+    from mmer.models.tdmer import ABLATIONS, TDMERObjective, build_tdmer
+    from mmer.data.mosi import MODALITIES
+    from mmer.data.mosi_synth import CONVENTIONS, DEFAULT_EVIDENCE, Evidence
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert "tdmer" in MODELS
+    dims = {"text": 12, "audio": 5, "vision": 7}
+    used = set()
+    for profile in ("embedded", "paper"):
+        section = resolve_profile({**params, "profile": profile})["tdmer"]
+        assert set(section["data"]["datasets"]) <= set(CONVENTIONS), section["data"]["datasets"]
+        for name, variant in section["variants"].items():
+            config = variant_config(section, variant or {})
+            assert config["modalities"] and set(config["modalities"]) <= set(MODALITIES), (name, config["modalities"])
+            model, loss_fn, callbacks = build_tdmer(config, dims)         # every row builds, loss options included
+            assert isinstance(loss_fn, TDMERObjective) and callbacks == []
+            used |= {k for k, v in config["model"].items() if k.startswith("use_") and v is False}
+    assert used == set(ABLATIONS), f"switches without a row: {set(ABLATIONS) - used}; unknown: {used - set(ABLATIONS)}"
+    evidence = params["tdmer"]["data"]["embedded"]["evidence"]
+    assert {m: Evidence(**e) for m, e in evidence.items()} == DEFAULT_EVIDENCE, "params.yaml evidence != the generator's"
 
 
 def test_package_imports_with_declared_dependencies():

@@ -25,7 +25,8 @@ class UnsafePickleError(pickle.UnpicklingError):
 def _latin1_bytes(text, encoding="latin1"):
     "`_codecs.encode` as protocol-2 pickles use it for `bytes`: str -> latin-1 bytes, nothing else."
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError(f"_codecs.encode is admitted only as str -> latin-1 bytes, got ({type(text).__name__}, {encoding!r})")
+        raise UnsafePickleError(f"_codecs.encode is admitted only as str -> latin-1 bytes, "
+                                f"got ({type(text).__name__}, {encoding!r})")
     return text.encode("latin-1")
 
 def _numpy_core(module: str, name: str):
@@ -43,18 +44,20 @@ def admitted_globals() -> dict[tuple[str, str], object]:
     return out
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    "An `Unpickler` that admits only numpy arrays, numpy scalars and plain containers; `source` names the file in errors."
+    "An `Unpickler` admitting only numpy arrays, numpy scalars and plain containers; `source` names the file in errors."
     def __init__(self, file, source: str = "<pickle>"):
         super().__init__(file)
         self.source, self._admitted = str(source), admitted_globals()
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._admitted: return self._admitted[(module, name)]
-        raise UnsafePickleError(f"{self.source}: refused global {module}.{name}: only numpy arrays and plain containers are "
-                                f"admitted (a pickle can run code when loaded; nothing from this file was executed)")
+        raise UnsafePickleError(f"{self.source}: refused global {module}.{name}: only numpy arrays and plain "
+                                "containers are admitted (a pickle can run code when loaded; nothing from this file "
+                                "was executed)")
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self.source}: refused persistent id {pid!r}: only numpy arrays and plain containers are admitted")
+        raise UnsafePickleError(f"{self.source}: refused persistent id {pid!r}: "
+                                "only numpy arrays and plain containers are admitted")
 
 # %% ../../nbs/14_data_mosi.ipynb #616d866b
 def sha256_of(path, chunk_size: int = 1 << 20) -> str:
@@ -65,7 +68,7 @@ def sha256_of(path, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 def load_numpy_pickle(path, checksum: str | None = None):
-    "Unpickle `path` admitting only numpy arrays and plain containers; first check its SHA-256 against `checksum` if given."
+    "Unpickle `path` admitting only numpy arrays and plain containers; first check its SHA-256 against `checksum`."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: feature pickle not found")
     if checksum is not None:
@@ -87,7 +90,9 @@ def _prefix_lengths(mask: np.ndarray, where: str) -> np.ndarray:
     mask = np.asarray(mask) > 0.5
     lengths = mask.sum(1)
     bad = np.flatnonzero((np.arange(mask.shape[1])[None] < lengths[:, None]) != mask)
-    if len(bad): raise ValueError(f"{where}: the text_bert attention mask of utterance {bad[0]} is not a prefix mask (ones, then zeros)")
+    if len(bad):
+        raise ValueError(f"{where}: the text_bert attention mask of utterance {bad[0]} is not a prefix mask "
+                         "(ones, then zeros)")
     return lengths.astype(np.int64)
 
 def _clean_features(x, where: str, nan_to_zero: bool) -> np.ndarray:
@@ -115,7 +120,8 @@ def _check_split(split: dict, where: str, nan_to_zero: bool) -> dict:
         raise ValueError(f"{where}/regression_labels: expected shape (N,) (or (N, 1), (N, 1, 1)), got {labels.shape}")
     labels, n = labels.reshape(-1), len(labels)
     if not np.isfinite(labels).all() or np.abs(labels).max(initial=0) > 3 + 1e-6:
-        raise ValueError(f"{where}/regression_labels: expected finite values in [-3, 3], got min {labels.min()}, max {labels.max()}")
+        raise ValueError(f"{where}/regression_labels: expected finite values in [-3, 3], "
+                         f"got min {labels.min()}, max {labels.max()}")
     out = {k: v for k, v in split.items() if k not in REQUIRED_KEYS}
     out["regression_labels"] = labels.astype(np.float32)
     ids = np.asarray(split["id"]).reshape(-1)
@@ -124,7 +130,8 @@ def _check_split(split: dict, where: str, nan_to_zero: bool) -> dict:
     for m in MODALITIES:
         shape = np.shape(split[m])
         if len(shape) != 3 or shape[0] != n:
-            raise ValueError(f"{where}/{m}: expected (N, T, D) features with N = {n} (the number of labels), got shape {shape}")
+            raise ValueError(f"{where}/{m}: expected (N, T, D) features with N = {n} (the number of labels), "
+                             f"got shape {shape}")
         out[m] = _clean_features(split[m], f"{where}/{m}", nan_to_zero)
     T = {m: out[m].shape[1] for m in MODALITIES}
     if "text_bert" in split:
@@ -137,23 +144,27 @@ def _check_split(split: dict, where: str, nan_to_zero: bool) -> dict:
         key = f"{m}_lengths"
         if key in split:
             lengths = np.asarray(split[key]).reshape(-1)
-            if len(lengths) != n or (lengths < 0).any() or (lengths > T[m]).any() or (lengths != np.round(lengths)).any():
-                raise ValueError(f"{where}/{key}: expected {n} whole numbers in [0, {T[m]}], got shape {lengths.shape}, "
-                                 f"range [{lengths.min(initial=0)}, {lengths.max(initial=0)}]")
+            whole = (lengths >= 0).all() and (lengths <= T[m]).all() and (lengths == np.round(lengths)).all()
+            if len(lengths) != n or not whole:
+                low, high = lengths.min(initial=0), lengths.max(initial=0)
+                raise ValueError(f"{where}/{key}: expected {n} whole numbers in [0, {T[m]}], "
+                                 f"got shape {lengths.shape}, range [{low}, {high}]")
             out[key] = lengths.astype(np.int64)
         else: out[key] = out["text_lengths"].copy() if T[m] == T["text"] else np.full(n, T[m], dtype=np.int64)
     return out
 
-def read_mmsa_pickle(path, checksum: str | None = None, splits=SPLITS, nan_to_zero: bool = False) -> dict[str, dict[str, np.ndarray]]:
+def read_mmsa_pickle(path, checksum: str | None = None, splits=SPLITS, nan_to_zero: bool = False) -> dict[str, dict]:
     "Read an MMSA MOSI/MOSEI feature pickle safely: {split: {key: array}}, checked, with lengths for every modality."
     data = load_numpy_pickle(path, checksum)
-    if not isinstance(data, dict): raise ValueError(f"{path}: expected a dict of splits {list(splits)}, got {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict of splits {list(splits)}, got {type(data).__name__}")
     missing = [s for s in splits if s not in data]
     if missing: raise KeyError(f"{path}: missing split(s) {missing}; found {sorted(map(str, data))}")
     out = {s: _check_split(data[s], f"{path}: {s}", nan_to_zero) for s in splits}
     for m in MODALITIES:
         widths = {s: out[s][m].shape[2] for s in splits}
-        if len(set(widths.values())) > 1: raise ValueError(f"{path}: {m} feature widths differ between splits: {widths}")
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"{path}: {m} feature widths differ between splits: {widths}")
     return out
 
 def describe_mmsa(data: dict) -> str:
@@ -162,7 +173,8 @@ def describe_mmsa(data: dict) -> str:
     for s, a in data.items():
         y = a["regression_labels"]
         shapes = ", ".join(f"{m} {a[m].shape[1:]}" for m in MODALITIES)
-        lines.append(f"{s}: {len(y)} utterances; {shapes}; labels [{y.min():.2f}, {y.max():.2f}], {np.mean(y == 0):.1%} zeros")
+        labels = f"labels [{y.min():.2f}, {y.max():.2f}], {np.mean(y == 0):.1%} zeros"
+        lines.append(f"{s}: {len(y)} utterances; {shapes}; {labels}")
     return "\n".join(lines)
 
 # %% ../../nbs/14_data_mosi.ipynb #efe695fb
@@ -189,9 +201,10 @@ def standardize(data: dict, modalities=MODALITIES, reference: str = "train", eps
     return out
 
 def collate_mmsa(split: dict, index, modalities=MODALITIES) -> dict:
-    "The batch of utterances `index` of `split`: utt_id, label (B,), and per modality (B, T, D) features and a (B, T) mask."
+    "The batch of utterances `index` of `split`: utt_id, label (B,), per modality (B, T, D) features and a (B, T) mask."
     index = np.asarray(index, dtype=np.int64)
-    batch = {"utt_id": [str(u) for u in split["id"][index]], "label": torch.from_numpy(split["regression_labels"][index].astype(np.float32))}
+    batch = {"utt_id": [str(u) for u in split["id"][index]],
+             "label": torch.from_numpy(split["regression_labels"][index].astype(np.float32))}
     for m in modalities:
         lengths = split[f"{m}_lengths"][index]
         T = max(1, int(lengths.max(initial=0)))
@@ -199,16 +212,18 @@ def collate_mmsa(split: dict, index, modalities=MODALITIES) -> dict:
         batch[f"{m}_mask"] = torch.arange(T)[None] < torch.from_numpy(lengths)[:, None]
     return batch
 
-def mmsa_loaders(data: dict, modalities=MODALITIES, batch_size: int = 16, seed: int = 0, standardize_features: bool = True,
-                 eval_batch_size: int | None = None) -> tuple[dict[str, DataLoader], dict[str, int]]:
+def mmsa_loaders(data: dict, modalities=MODALITIES, batch_size: int = 16, seed: int = 0,
+                 standardize_features: bool = True, eval_batch_size: int | None = None) -> tuple[dict, dict[str, int]]:
     "({'train', 'val', 'test'}: DataLoader, {modality: width}) from `read_mmsa_pickle`'s splits."
     unknown = [m for m in modalities if m not in MODALITIES]
-    if unknown or not modalities: raise ValueError(f"modalities: expected some of {list(MODALITIES)}, got {list(modalities)}")
+    if unknown or not modalities:
+        raise ValueError(f"modalities: expected some of {list(MODALITIES)}, got {list(modalities)}")
     if standardize_features: data = standardize(data, modalities)
     loaders = {}
     for name, split_name in LOADER_SPLITS.items():
         split, train = data[split_name], name == "train"
-        loaders[name] = DataLoader(range(len(split["id"])), batch_size=batch_size if train else (eval_batch_size or batch_size),
-                                   shuffle=train, collate_fn=lambda idx, s=split: collate_mmsa(s, idx, modalities),
+        size = batch_size if train else (eval_batch_size or batch_size)
+        loaders[name] = DataLoader(range(len(split["id"])), batch_size=size, shuffle=train,
+                                   collate_fn=lambda idx, s=split: collate_mmsa(s, idx, modalities),
                                    generator=torch.Generator().manual_seed(seed))
     return loaders, {m: int(data["train"][m].shape[2]) for m in modalities}

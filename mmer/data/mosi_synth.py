@@ -18,7 +18,7 @@ from .mosi import MODALITIES, SPLITS, describe_mmsa, sha256_of
 __all__ = ['CONVENTIONS', 'EMBEDDED_SIZES', 'ALIGNED_LENGTH', 'MAGNITUDE_WEIGHTS', 'DEFAULT_EVIDENCE', 'NEUTRAL_WORDS',
            'POLAR_WORDS', 'CLS_ID', 'SEP_ID', 'FIRST_WORD_ID', 'STYLE_DIM', 'MMSAConventions', 'Evidence',
            'sample_labels', 'make_world', 'make_split', 'make_mmsa_data', 'embedded_pickle_path', 'make_embedded_mmsa',
-           'main']
+           'embedded_from_params', 'main']
 
 # %% ../../nbs/14a_data_mosi_synth.ipynb #9f31ff0c
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class MMSAConventions:
 CONVENTIONS = {
     "mosi": MMSAConventions("mosi", {"text": 768, "audio": 5, "vision": 20}, {"text": 50, "audio": 375, "vision": 500},
                             {"train": 1284, "valid": 229, "test": 686}, zero_share=0.05, negative_share=0.55),
-    "mosei": MMSAConventions("mosei", {"text": 768, "audio": 74, "vision": 35}, {"text": 50, "audio": 500, "vision": 375},
+    "mosei": MMSAConventions("mosei", {"text": 768, "audio": 74, "vision": 35},
+                             {"text": 50, "audio": 500, "vision": 375},
                              {"train": 16326, "valid": 1871, "test": 4659}, zero_share=0.20, negative_share=0.35)}
 EMBEDDED_SIZES = {"train": 400, "valid": 100, "test": 200}
 ALIGNED_LENGTH = 50
@@ -47,8 +48,16 @@ class Evidence:
     strength: float
     noise: float = 0.5
     intensity: float = 0.0
+    style: float = 1.0
 
-DEFAULT_EVIDENCE = {"text": Evidence(0.7, 0.6), "audio": Evidence(0.5, 0.6, intensity=0.5), "vision": Evidence(0.5, 0.6)}
+def _evidence_dict(evidence: dict | None) -> dict:
+    "{modality: Evidence} from Evidence objects or plain dicts (as params.yaml holds them)."
+    evidence = {m: e if isinstance(e, Evidence) else Evidence(**e) for m, e in (evidence or {}).items()}
+    if unknown := sorted(set(evidence) - set(MODALITIES)): raise ValueError(f"evidence: unknown modalities {unknown}")
+    return evidence
+
+DEFAULT_EVIDENCE = {"text": Evidence(0.6, 0.6), "audio": Evidence(0.5, 1.0, intensity=0.5, style=0.5),
+                    "vision": Evidence(0.5, 1.0, style=0.5)}      # tuned on the valid split: see 54_tdmer
 
 # %% ../../nbs/14a_data_mosi_synth.ipynb #eae263cf
 def sample_labels(rng: np.random.Generator, n: int, zero_share: float, negative_share: float) -> np.ndarray:
@@ -78,13 +87,15 @@ def _unit(rng, d):
     v = rng.normal(size=d); return (v / np.linalg.norm(v)).astype(np.float32)
 
 def make_world(seed: int, conv: MMSAConventions) -> dict:
-    "The split-independent parts of the embedded data: word embeddings, sentiment directions, style maps, channel scales."
+    "The split-independent parts of the embedded data: embeddings, sentiment directions, style maps, channel scales."
     rng = np.random.default_rng([seed, 0])
     D = conv.widths
-    world = {"vocabulary": _vocabulary(), "embeddings": rng.normal(0, 0.5, (len(_vocabulary()) + 2, D["text"])).astype(np.float32)}
+    vocabulary = _vocabulary()       # + [CLS] and [SEP]
+    embeddings = rng.normal(0, 0.5, (len(vocabulary) + 2, D["text"])).astype(np.float32)
+    world = {"vocabulary": vocabulary, "embeddings": embeddings}
     for m in MODALITIES:
         world[f"{m}_direction"] = _unit(rng, D[m])
-        world[f"{m}_style"] = (rng.normal(0, 1, (STYLE_DIM, D[m])) * (0.5 if m == "text" else 1.0)).astype(np.float32)
+        world[f"{m}_style"] = (rng.normal(0, 1, (STYLE_DIM, D[m])) / np.sqrt(STYLE_DIM)).astype(np.float32)
     for m in ("audio", "vision"): world[f"{m}_intensity_direction"] = _unit(rng, D[m])
     for m, (log_lo, log_hi), offset in (("audio", (-1.0, 3.0), 5.0), ("vision", (-1.0, 1.0), 1.0)):
         world[f"{m}_scale"] = np.exp(rng.uniform(log_lo, log_hi, D[m])).astype(np.float32)
@@ -124,7 +135,8 @@ def _text(rng, world, evidence_value: np.ndarray, ev: Evidence, T: int):
         if abs(e) >= 0.5:
             pool = POLAR_WORDS[(int(np.sign(e)), 2 if abs(e) >= 1.5 else 1)]
             for _ in range(1 + int(abs(e) >= 2.5)):
-                at = int(rng.integers(0, len(words) + 1)); words.insert(at, str(rng.choice(pool))); is_polar.insert(at, True)
+                at = int(rng.integers(0, len(words) + 1))
+                words.insert(at, str(rng.choice(pool))); is_polar.insert(at, True)
         words, is_polar = words[:T - 2], is_polar[:T - 2]
         raw.append(" ".join(words))
         row = [CLS_ID] + [FIRST_WORD_ID + vocab[w] for w in words] + [SEP_ID]
@@ -142,14 +154,17 @@ def make_split(seed: int, split: str, n: int, conv: MMSAConventions, world: dict
     T = {m: ALIGNED_LENGTH if aligned else conv.lengths[m] for m in MODALITIES}
     y = sample_labels(rng, n, conv.zero_share, conv.negative_share)
     video, ids = _video_ids(rng, n)
-    style = {m: rng.normal(0, 1, (video.max() + 1, STYLE_DIM)).astype(np.float32)[video] @ world[f"{m}_style"] for m in MODALITIES}
+    style = {m: evidence[m].style * rng.normal(0, 1, (video.max() + 1, STYLE_DIM)).astype(np.float32)[video]
+             @ world[f"{m}_style"] for m in MODALITIES}
     signal = {m: _evidence(rng, y, evidence[m]) for m in MODALITIES}
     raw_text, text_bert, text_len, polar = _text(rng, world, signal["text"], evidence["text"], T["text"])
     tokens = text_bert[:, 0].astype(np.int64)
-    word_index = np.where(tokens >= FIRST_WORD_ID, tokens - FIRST_WORD_ID, np.where(tokens == CLS_ID, len(world["vocabulary"]), len(world["vocabulary"]) + 1))
+    V = len(world["vocabulary"])
+    word_index = np.where(tokens >= FIRST_WORD_ID, tokens - FIRST_WORD_ID, np.where(tokens == CLS_ID, V, V + 1))
     valid_t = text_bert[:, 1][..., None]
-    text = world["embeddings"][word_index] + 0.3 * rng.standard_normal((n, T["text"], conv.widths["text"]), dtype=np.float32)
-    text += ((0.5 + 0.5 * polar) * signal["text"][:, None])[..., None] * world["text_direction"] + style["text"][:, None]
+    noise = 0.3 * rng.standard_normal((n, T["text"], conv.widths["text"]), dtype=np.float32)
+    text = world["embeddings"][word_index] + noise + style["text"][:, None]
+    text += ((0.5 + 0.5 * polar) * signal["text"][:, None])[..., None] * world["text_direction"]
     out = {"text": (text * valid_t).astype(np.float32), "text_bert": text_bert}
     lengths = {}
     for m in ("audio", "vision"):
@@ -159,7 +174,8 @@ def make_split(seed: int, split: str, n: int, conv: MMSAConventions, world: dict
         frames = rng.standard_normal((n, T[m], conv.widths[m]), dtype=np.float32) + style[m][:, None]
         frames += (seg * signal[m][:, None])[..., None] * world[f"{m}_direction"]
         if evidence[m].intensity:
-            frames += (seg * np.float32(evidence[m].intensity) * np.abs(y)[:, None])[..., None] * world[f"{m}_intensity_direction"]
+            arousal = seg * np.float32(evidence[m].intensity) * np.abs(y)[:, None]
+            frames += arousal[..., None] * world[f"{m}_intensity_direction"]
         frames = frames * world[f"{m}_scale"] + world[f"{m}_offset"]
         valid = np.arange(T[m])[None] < lengths[m][:, None]
         frames *= valid[..., None]
@@ -168,7 +184,8 @@ def make_split(seed: int, split: str, n: int, conv: MMSAConventions, world: dict
             frames[..., 0][silent] = -np.inf
         out[m] = frames
     if not aligned: out.update(audio_lengths=lengths["audio"], vision_lengths=lengths["vision"])
-    out.update(regression_labels=y, classification_labels=(np.sign(y) + 1).astype(np.float32), raw_text=raw_text, id=ids)
+    out.update(regression_labels=y, classification_labels=(np.sign(y) + 1).astype(np.float32), raw_text=raw_text,
+               id=ids)
     return out
 
 # %% ../../nbs/14a_data_mosi_synth.ipynb #ad8fa0d6
@@ -177,71 +194,91 @@ def _sizes(sizes, conv: MMSAConventions) -> dict:
     if sizes == "real": return dict(conv.real_sizes)
     if isinstance(sizes, dict) and set(sizes) == set(SPLITS) and all(int(v) > 0 for v in sizes.values()):
         return {s: int(sizes[s]) for s in SPLITS}
-    raise ValueError(f"sizes: expected 'embedded', 'real' or a dict of positive counts for {list(SPLITS)}, got {sizes!r}")
+    raise ValueError(f"sizes: expected 'embedded', 'real' or a dict of positive counts for {list(SPLITS)}, "
+                     f"got {sizes!r}")
 
 def make_mmsa_data(dataset: str = "mosi", seed: int = 0, sizes="embedded", aligned: bool = False,
                    evidence: dict | None = None) -> dict:
     "{split: {key: array}} in the format of the MMSA `<dataset>` release, deterministic from `seed`."
     if dataset not in CONVENTIONS: raise ValueError(f"dataset: expected one of {sorted(CONVENTIONS)}, got {dataset!r}")
     conv = CONVENTIONS[dataset]
-    evidence = {m: e if isinstance(e, Evidence) else Evidence(**e) for m, e in (evidence or {}).items()}
-    if unknown := sorted(set(evidence) - set(MODALITIES)): raise ValueError(f"evidence: unknown modalities {unknown}")
+    evidence = _evidence_dict(evidence)
     world = make_world(seed, conv)
     return {s: make_split(seed, s, n, conv, world, aligned, evidence) for s, n in _sizes(sizes, conv).items()}
 
 # %% ../../nbs/14a_data_mosi_synth.ipynb #53f9e424
 def embedded_pickle_path(out_dir, dataset: str = "mosi", aligned: bool = False) -> Path:
     "Where the embedded pickle of `dataset` lives under `out_dir`: the MMSA layout `MOSI/Processed/unaligned_50.pkl`."
-    return Path(out_dir) / dataset.upper() / "Processed" / f"{'aligned' if aligned else 'unaligned'}_{ALIGNED_LENGTH}.pkl"
+    name = f"{'aligned' if aligned else 'unaligned'}_{ALIGNED_LENGTH}.pkl"
+    return Path(out_dir) / dataset.upper() / "Processed" / name
 
 def _marker(data, dataset, seed, sizes, aligned, evidence, digest) -> str:
-    ev = {**DEFAULT_EVIDENCE, **{m: e if isinstance(e, Evidence) else Evidence(**e) for m, e in (evidence or {}).items()}}
+    ev = {**DEFAULT_EVIDENCE, **_evidence_dict(evidence)}
+    ev = {m: (e.presence, e.strength, e.noise, e.intensity, e.style) for m, e in ev.items()}
+    name = embedded_pickle_path("", dataset, aligned).name
+    again = f"--dataset {dataset} --seed {seed}" + " --aligned" * aligned
     return f"""# SYNTHETIC DATA: the mmer embedded {dataset.upper()}, not the CMU-{dataset.upper()} release
 
-`{embedded_pickle_path('', dataset, aligned).name}` imitates the keys, dtypes and shapes of the MMSA feature pickle, but every
-value is synthetic, made by `mmer.data.mosi_synth.make_embedded_mmsa` (mmer {__version__}). Results on it are
+`{name}` imitates the keys, dtypes and shapes of the MMSA feature pickle, but every value is
+synthetic, made by `mmer.data.mosi_synth.make_embedded_mmsa` (mmer {__version__}). Results on it are
 results on synthetic data.
 
 - dataset format: {dataset}; aligned: {aligned}; seed: {seed}; sizes: {sizes}
 - SHA-256 of the pickle: {digest}
-- evidence per modality (presence, strength, noise, intensity): {({m: (e.presence, e.strength, e.noise, e.intensity) for m, e in ev.items()})}
+- evidence per modality (presence, strength, noise, intensity, style): {ev}
 {describe_mmsa(data)}
 
-Make it again: `python -m mmer.data.mosi_synth --out <dir> --dataset {dataset} --seed {seed}{' --aligned' if aligned else ''}`.
+Make it again: `python -m mmer.data.mosi_synth --out <dir> {again}`.
 """
 
 def make_embedded_mmsa(out_dir, dataset: str = "mosi", seed: int = 0, sizes="embedded", aligned: bool = False,
                        evidence: dict | None = None, progress: bool = True) -> Path:
-    "Write an embedded `dataset` pickle (and its EMBEDDED_CORPUS.md) under `out_dir` atomically; returns the pickle's path."
+    "Write an embedded `dataset` pickle and its EMBEDDED_CORPUS.md under `out_dir` atomically; returns the pickle path."
     start, path = time.time(), embedded_pickle_path(out_dir, dataset, aligned)
     data = make_mmsa_data(dataset, seed, sizes, aligned, evidence)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f: pickle.dump(data, f, protocol=4)
     digest = sha256_of(path)
-    write_text(path.parent / "EMBEDDED_CORPUS.md", _marker(data, dataset, seed, _sizes(sizes, CONVENTIONS[dataset]), aligned, evidence, digest))
+    marker = _marker(data, dataset, seed, _sizes(sizes, CONVENTIONS[dataset]), aligned, evidence, digest)
+    write_text(path.parent / "EMBEDDED_CORPUS.md", marker)
     if progress:
         counts = ", ".join(f"{s} {len(a['id'])}" for s, a in data.items())
         print(f"embedded {dataset.upper()}: {counts} utterances -> {path} ({path.stat().st_size / 2**20:.1f} MiB, "
               f"sha256 {digest[:12]}) in {time.time() - start:.1f} s")
     return path
 
-# %% ../../nbs/14a_data_mosi_synth.ipynb #2c5662b1
+# %% ../../nbs/14a_data_mosi_synth.ipynb #4bac58e3
+def embedded_from_params(params: dict, progress: bool = True) -> dict[str, Path]:
+    "Write the embedded pickle of every `tdmer.data.datasets` entry without a real `pickle`; {dataset: path}."
+    data = params["tdmer"]["data"]; emb = data["embedded"]
+    return {name: make_embedded_mmsa(emb["out"], name, emb.get("seed", 0), emb.get("sizes", "embedded"),
+                                     emb.get("aligned", False), emb.get("evidence"), progress)
+            for name, ds in data["datasets"].items() if not (ds or {}).get("pickle")}
+
 def _parse_sizes(spec: str):
     "'embedded', 'real' or 'train=400,valid=100,test=200'."
     if spec in ("embedded", "real"): return spec
     try: return {k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-    except ValueError: raise argparse.ArgumentTypeError(f"expected embedded, real or train=N,valid=N,test=N, got {spec!r}")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected embedded, real or train=N,valid=N,test=N, got {spec!r}") from None
 
 def main(argv: list[str] | None = None) -> Path:
-    "Command line entry point: `python -m mmer.data.mosi_synth --out data/embedded_mosi --dataset mosi --seed 0`."
+    "Command line: `python -m mmer.data.mosi_synth --params params.yaml` or `--out data/embedded_mosi --dataset mosi`."
     parser = argparse.ArgumentParser(prog="python -m mmer.data.mosi_synth", description=make_embedded_mmsa.__doc__)
     parser.add_argument("--out", default="data/embedded_mosi", help="folder that receives <DATASET>/Processed/")
     parser.add_argument("--dataset", choices=sorted(CONVENTIONS), default="mosi")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sizes", type=_parse_sizes, default="embedded", help="embedded (default), real, or train=N,valid=N,test=N")
-    parser.add_argument("--aligned", action="store_true", help="write aligned_50.pkl (50 word-aligned frames, no *_lengths)")
+    parser.add_argument("--sizes", type=_parse_sizes, default="embedded",
+                        help="embedded (default), real, or train=N,valid=N,test=N")
+    parser.add_argument("--aligned", action="store_true",
+                        help="write aligned_50.pkl (50 word-aligned frames, no *_lengths)")
+    parser.add_argument("--params", default=None, help="make every embedded dataset of this params.yaml's tdmer.data "
+                        "(the other options are then ignored)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.params:
+        from mmer.core import load_params
+        return embedded_from_params(load_params(args.params), progress=not args.quiet)
     return make_embedded_mmsa(args.out, args.dataset, args.seed, args.sizes, args.aligned, progress=not args.quiet)
 
 # %% ../../nbs/14a_data_mosi_synth.ipynb #503d9f20
