@@ -49,7 +49,7 @@ class TDMER(nn.Module):
     def __init__(self, dims: dict[str, int], modalities=("text", "audio", "vision"), width: int = 32, kernel_size=3,
                  heads: int = 2, dropout: float = 0.1, hidden: int | None = None, frame_stride=1,
                  omega_normalization: str = "all", attention_residual: bool = True, detach_fusion_weights: bool = True,
-                 **switches):
+                 fusion_norm: bool = True, **switches):
         super().__init__()
         self.modalities = list(modalities)
         if not self.modalities or any(m not in dims for m in self.modalities):
@@ -79,6 +79,7 @@ class TDMER(nn.Module):
         self.private_classifiers = per_modality(lambda: nn.Linear(d, C)) if on["private_cml"] or on["tcf"] else None
         self.private_edge_scorer = nn.Linear(2 * (C + d), 1) if on["private_cml"] else None
         self.fusion_keys = ["common"] + ms
+        self.fusion_norms = nn.ModuleDict({k: nn.LayerNorm(d) for k in self.fusion_keys}) if fusion_norm else None
         self.confidence = nn.ModuleDict({k: MLP([d, h, 1], dropout) for k in self.fusion_keys}) if on["tcf"] else None
         self.regressor = MLP([d, h, 1], dropout)
 
@@ -134,11 +135,12 @@ class TDMER(nn.Module):
         else: enhanced = private
         out["enhanced"] = enhanced
         fusion_inputs = {"common": torch.stack([common[m] for m in ms]).mean(0), **enhanced}
+        if self.fusion_norms is not None: fusion_inputs = {k: self.fusion_norms[k](v) for k, v in fusion_inputs.items()}
         if self.private_classifiers is not None:
-            out["fusion_logits"] = {m: self.private_classifiers[m](enhanced[m]) for m in ms}
+            out["fusion_logits"] = {m: self.private_classifiers[m](fusion_inputs[m]) for m in ms}
             if on["private_cml"]:
-                out["private_cml"] = (torch.stack([out["fusion_logits"][m] for m in ms]),
-                                      self.edge_weights(self.private_edge_scorer, out["fusion_logits"], enhanced))
+                omega = self.edge_weights(self.private_edge_scorer, out["fusion_logits"], fusion_inputs)
+                out["private_cml"] = (torch.stack([out["fusion_logits"][m] for m in ms]), omega)
         if self.common_classifier is not None:
             out.setdefault("fusion_logits", {})["common"] = self.common_classifier(fusion_inputs["common"])  # z^C
         if on["tcf"]:                                                                                      # Eqs. 10-12
