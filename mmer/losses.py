@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['domain_cross_entropy', 'local_discriminator_losses', 'a_distance', 'error_a_distance', 'discriminator_error',
-           'dynamic_factor', 'orthogonality_loss', 'wasserstein2_diag', 'symmetric_info_nce', 'margin_triplet_loss']
+           'dynamic_factor', 'orthogonality_loss', 'wasserstein2_diag', 'symmetric_info_nce', 'margin_triplet_loss',
+           'cmd', 'soft_orthogonality', 'true_class_probability', 'dynamic_distillation_loss']
 
 # %% ../nbs/35_losses.ipynb #865503d4
 def domain_cross_entropy(logits: torch.Tensor, domain: torch.Tensor, weights: torch.Tensor | None = None,
@@ -118,3 +119,43 @@ def margin_triplet_loss(features: torch.Tensor, modality: torch.Tensor, labels: 
         hinge = (margin - cos[anchors][:, others, None] + cos[anchors][:, None, anchors]).clamp(min=0)
         total, count = total + (hinge * valid).sum(), count + int(valid.sum())
     return total / max(count, 1)
+
+# %% ../nbs/35_losses.ipynb #f25ac64d
+def cmd(x: torch.Tensor, y: torch.Tensor, k: int = 5, span: float = 1.0) -> torch.Tensor:
+    "Central moment discrepancy of orders 1..k (TDMER Eq. 2) of samples x (N, D) and y (M, D) in a range of width span."
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected two (N, D) samples of the same width, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if k < 1 or not span > 0: raise ValueError(f"need k >= 1 and span > 0, got k={k}, span={span}")
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    total = torch.linalg.vector_norm(mean_x - mean_y) / span
+    centred_x, centred_y = x - mean_x, y - mean_y
+    for order in range(2, k + 1):
+        moment_gap = centred_x.pow(order).mean(0) - centred_y.pow(order).mean(0)
+        total = total + torch.linalg.vector_norm(moment_gap) / span ** order
+    return total
+
+# %% ../nbs/35_losses.ipynb #66e6fc51
+def soft_orthogonality(x: torch.Tensor, y: torch.Tensor, center: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    "Batch mean of |cos(x_i, y_i)| (TDMER Eqs. 5, 6, 9), of batch-centred rows if `center`: (B, D) x2 -> [0, 1]."
+    if x.dim() != 2 or x.shape != y.shape:
+        raise ValueError(f"expected two (B, D) batches of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if center: x, y = x - x.mean(0), y - y.mean(0)
+    return F.cosine_similarity(x, y, dim=-1, eps=eps).abs().mean()
+
+# %% ../nbs/35_losses.ipynb #bbd28076
+def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    "Softmax probability of each row's true class: logits (B, C), target (B,) class indices -> (B,)."
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (B, C) and targets (B,), got {tuple(logits.shape)}, {tuple(target.shape)}")
+    return logits.softmax(-1).gather(1, target.long()[:, None])[:, 0]
+
+# %% ../nbs/35_losses.ipynb #165e1bb6
+def dynamic_distillation_loss(logits: torch.Tensor, weights: torch.Tensor, edges) -> torch.Tensor:
+    "TDMER Eq. 8: batch mean of sum_e w_e |z_q - sg(z_p)|.mean() over edges e = (p, q); (M, B, C), (B, E) -> scalar."
+    edges = list(edges)
+    if logits.dim() != 3 or weights.shape != (logits.shape[1], len(edges)):
+        raise ValueError(f"expected logits (M, B, C) and weights (B, E) with E = {len(edges)} edges, "
+                         f"got {tuple(logits.shape)}, {tuple(weights.shape)}")
+    if not edges: return logits.sum() * 0.0
+    psi = torch.stack([(logits[q] - logits[p].detach()).abs().mean(-1) for p, q in edges], 1)      # (B, E)
+    return (weights * psi).sum(1).mean()

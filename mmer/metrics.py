@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 # %% auto #0
-__all__ = ['classification_metrics', 'confusion']
+__all__ = ['ROUNDINGS', 'classification_metrics', 'confusion', 'sentiment_class', 'sentiment_metrics']
 
 # %% ../nbs/32_metrics.ipynb #f9359f9b
 def _as_labels(y, name: str) -> np.ndarray:
@@ -45,3 +45,45 @@ def confusion(y_true, y_pred, n_classes: int, normalize: bool = True) -> np.ndar
     cm = _counts(_as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred"), np.arange(n_classes)).astype(float)
     if normalize: cm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
     return cm
+
+# %% ../nbs/32_metrics.ipynb #1c38523d
+ROUNDINGS = ("half_even", "half_away")
+
+def sentiment_class(y, rounding: str = "half_even"):
+    "Sentiment scores -> Acc7's classes 0..6 (clip to [-3, 3], round, add 3); numpy arrays or torch tensors alike."
+    if rounding not in ROUNDINGS: raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if hasattr(y, "detach"):                              # a torch tensor: torch.round also rounds halves to even
+        c = y.detach().float().clamp(-3, 3)
+        r = c.round() if rounding == "half_even" else c.sign() * (c.abs() + 0.5).floor()
+        return (r + 3).long()
+    c = np.clip(np.asarray(y, dtype=np.float64), -3, 3)
+    r = np.round(c) if rounding == "half_even" else np.sign(c) * np.floor(np.abs(c) + 0.5)
+    return (r + 3).astype(np.int64)
+
+def _as_scores(y, name: str) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim == 2 and y.shape[1] == 1: y = y[:, 0]
+    if y.ndim != 1: raise ValueError(f"{name}: expected a 1-D array of sentiment scores, got shape {y.shape}")
+    return y
+
+def sentiment_metrics(y_true, y_pred, rounding: str = "half_even") -> dict:
+    "Acc2 and weighted F1 (Has0 and Non0), Acc7, MAE and Pearson Corr of sentiment scores (MMSA's conventions)."
+    y_true, y_pred = _as_scores(y_true, "y_true"), _as_scores(y_pred, "y_pred")
+    if len(y_true) != len(y_pred): raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
+    if len(y_true) == 0: raise ValueError("no predictions to score (empty y_true)")
+    if not (np.isfinite(y_true).all() and np.isfinite(y_pred).all()):
+        raise ValueError("sentiment scores must be finite")
+    has0_true, has0_pred = y_true >= 0, y_pred >= 0
+    non0 = y_true != 0
+    non0_true, non0_pred = y_true[non0] > 0, y_pred[non0] > 0
+    nan = float("nan")
+    corr = float(np.corrcoef(y_true, y_pred)[0, 1]) if y_true.std() > 0 and y_pred.std() > 0 else nan
+    return {
+        "acc2_has0": float(accuracy_score(has0_true, has0_pred)),
+        "acc2_non0": float(accuracy_score(non0_true, non0_pred)) if non0.any() else nan,
+        "f1_has0": float(f1_score(has0_true, has0_pred, average="weighted", zero_division=0)),
+        "f1_non0": float(f1_score(non0_true, non0_pred, average="weighted", zero_division=0)) if non0.any() else nan,
+        "acc7": float(np.mean(sentiment_class(y_true, rounding) == sentiment_class(y_pred, rounding))),
+        "mae": float(np.mean(np.abs(y_true - y_pred))),
+        "corr": corr,
+    }

@@ -119,7 +119,7 @@ def test_every_name_in_params_resolves():
     dims = {"speech": 8, "text": 8, "context": 8, "video": 8}
     for section in sections:
         paper = PAPERS.get(section)
-        if section == "wavfusion": continue                                   # needs its 12-layer speech encoder: below
+        if section in ("wavfusion", "tdmer"): continue                        # their own tests below
         assert paper.main_variant in params[section]["variants"], f"{section}: main variant {paper.main_variant!r} is not a row"
         for name, variant in params[section]["variants"].items():
             config = variant_config(params[section], variant or {})
@@ -153,6 +153,31 @@ def _wavfusion_rows_build(params):
                 model, loss_fn, _ = PAPERS.get("wavfusion").build(config, ctx)
                 loss, _ = loss_fn(model(batch), batch)
                 assert torch.isfinite(loss), name
+
+
+def test_tdmer_section_resolves():
+    "Every TDMER row builds (embedded and paper profiles), uses real switches; the embedded data's defaults agree."
+    from mmer.core import MODELS, resolve_profile
+    from mmer.experiment import variant_config
+    from mmer.models.tdmer import ABLATIONS, TDMERObjective, build_tdmer
+    from mmer.data.mosi import MODALITIES
+    from mmer.data.mosi_synth import CONVENTIONS, DEFAULT_EVIDENCE, Evidence
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert "tdmer" in MODELS
+    dims = {"text": 12, "audio": 5, "vision": 7}
+    used = set()
+    for profile in ("embedded", "paper"):
+        section = resolve_profile({**params, "profile": profile})["tdmer"]
+        assert set(section["data"]["datasets"]) <= set(CONVENTIONS), section["data"]["datasets"]
+        for name, variant in section["variants"].items():
+            config = variant_config(section, variant or {})
+            assert config["modalities"] and set(config["modalities"]) <= set(MODALITIES), (name, config["modalities"])
+            model, loss_fn, callbacks = build_tdmer(config, dims)         # every row builds, loss options included
+            assert isinstance(loss_fn, TDMERObjective) and callbacks == []
+            used |= {k for k, v in config["model"].items() if k.startswith("use_") and v is False}
+    assert used == set(ABLATIONS), f"switches without a row: {set(ABLATIONS) - used}; unknown: {used - set(ABLATIONS)}"
+    evidence = params["tdmer"]["data"]["embedded"]["evidence"]
+    assert {m: Evidence(**e) for m, e in evidence.items()} == DEFAULT_EVIDENCE, "params.yaml evidence != the generator's"
 
 
 def test_package_imports_with_declared_dependencies():
