@@ -50,9 +50,9 @@ def _qualname(obj) -> str:
 
 # Where each paper's model and experiment entry point are defined (imported on first lookup).
 MODEL_MODULES = {"baseline": "mmer.models.baseline", "fdrl": "mmer.models.fdrl", "mgcma": "mmer.models.mgcma",
-                 "layer_adapter_mf": "mmer.models.layer_adapter_mf", "wavfusion": "mmer.models.wavfusion"}
+                 "layer_adapter_mf": "mmer.models.layer_adapter_mf", "wavfusion": "mmer.models.wavfusion", "tdmer": "mmer.models.tdmer"}
 PAPER_MODULES = {"baseline": "mmer.models.baseline", "fdrl": "mmer.models.fdrl", "mgcma": "mmer.models.mgcma",
-                 "layer_adapter": "mmer.models.layer_adapter_mf", "wavfusion": "mmer.models.wavfusion"}
+                 "layer_adapter": "mmer.models.layer_adapter_mf", "wavfusion": "mmer.models.wavfusion", "tdmer": "mmer.models.tdmer"}
 MODELS = Registry("model", MODEL_MODULES)
 register_model = MODELS.register
 PAPERS = Registry("paper", PAPER_MODULES)     # params.yaml section -> `mmer.experiment.Paper` (build, after, ...)
@@ -175,6 +175,10 @@ class Paper:
     after: Callable | None = None         # after(config, result, loaders, ctx) -> dict | None (extra metrics)
     prepare: Callable | None = None       # prepare(params, fold, **extras) -> (params, split or None)
     main_variant: str | None = None       # the variant exported as the paper's model
+    inputs: Callable | None = None        # inputs(params, split, modalities, batch_size, seed, features_dir) -> Inputs
+                                          # (default: cached or live encoders on utterance tables, mmer.features)
+    evaluate: Callable | None = None      # evaluate(model, loader, device, bf16, state) -> (predictions, metrics)
+                                          # (default: classification, mmer.train.evaluate_classification)
 
 def register_paper(section: str, build: Callable, **kwargs) -> Paper:
     "Register the paper whose params.yaml section is `section`; returns its `Paper`."

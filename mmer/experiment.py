@@ -72,15 +72,18 @@ def _run_variant(task: dict) -> dict:
     params, section, name, fold = task["params"], task["section"], task["name"], task["fold"]
     importlib.import_module(task["paper_module"])                 # registers the paper in a fresh worker
     paper, cfg, split = PAPERS.get(section), task["train_cfg"], task["split"]
+    if split is None: params, split = paper.prepare(params, fold, **task["extras"])   # large feature data: read here
     if cfg.get("threads"): torch.set_num_threads(int(cfg["threads"]))
     seed_everything(cfg["seed"])
     config = variant_config(params[section], params[section]["variants"][name] or {})
-    inputs = experiment_inputs(params, split, task["classes"], config["modalities"], cfg["batch_size"], cfg["seed"], task["features_dir"])
+    make_inputs = paper.inputs or (lambda *a: experiment_inputs(a[0], a[1], task["classes"], *a[2:]))
+    inputs = make_inputs(params, split, config["modalities"], cfg["batch_size"], cfg["seed"], task["features_dir"])
     ctx = VariantContext(params, section, name, fold, task["classes"], inputs.dims, inputs.num_hidden_states, inputs.encoders,
                          Path(task["out_dir"]) / name, Path(task["features_dir"]) if task["features_dir"] else None, inputs.layers)
     model, loss_fn, callbacks = paper.build(config, ctx)
     key = run_key(params, section, fold, cfg, config, split)
-    result, metrics = train_and_test(model, inputs.loaders, Path(task["runs_dir"]) / name, ctx.out_dir, cfg, key, loss_fn, callbacks)
+    result, metrics = train_and_test(model, inputs.loaders, Path(task["runs_dir"]) / name, ctx.out_dir, cfg, key, loss_fn, callbacks,
+                                     **({"evaluate": paper.evaluate} if paper.evaluate else {}))
     if paper.after is not None: metrics.update(paper.after(config, result, inputs.loaders, ctx) or {})
     if task.get("models_dir") and name == paper.main_variant:              # the paper's main model, as a reusable bundle
         from mmer.bundle import save_bundle
@@ -97,7 +100,7 @@ def _pool(workers: int):
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs=None, variants=None,
-                 progress: bool = True, workers=None, split: dict | None = None, models_dir=None) -> dict:
+                 progress: bool = True, workers=None, split: dict | None = None, models_dir=None, extras: dict | None = None) -> dict:
     """Train and test every variant of `params[section]` (or those in `variants`) on `fold`; returns {variant: test
     metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text); with
     `models_dir`, the paper's main variant is saved there as a bundle (`mmer.bundle`)."""
@@ -110,14 +113,16 @@ def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, r
     cfg = {k: v for k, v in {**params["train"], **sec["train"], "progress": progress and workers == 1}.items() if k != "workers"}
     if epochs: cfg["epochs"] = int(epochs)
     if not cfg.get("threads") and workers > 1: cfg["threads"] = max(1, (os.cpu_count() or 1) // workers)
-    split = fold_split(params, fold) if split is None else split
-    module = PAPERS.get(section).build.__module__
+    paper = PAPERS.get(section)
+    if split is None and paper.inputs is None: split = fold_split(params, fold)
+    if paper.inputs is not None and workers > 1: split = None   # its own (large) data: each worker reads it (`prepare`)
+    module = paper.build.__module__
     if workers > 1 and module == "__main__":
         raise ValueError(f"paper {section!r} is defined in __main__ (a notebook or script), which worker processes cannot "
                          f"import: register it in a module, or run with workers=1")
     tasks = [dict(params=params, section=section, name=n, fold=fold, classes=classes, train_cfg=cfg, split=split,
                   features_dir=features_dir, out_dir=str(out_dir), runs_dir=str(runs_dir), paper_module=module,
-                  models_dir=str(models_dir) if models_dir else None) for n in names]
+                  models_dir=str(models_dir) if models_dir else None, extras=dict(extras or {})) for n in names]
     start, done = time.perf_counter(), {}
     bar = tqdm(total=len(tasks), desc=f"{section} fold {fold}", disable=not progress or workers == 1, unit="variant")
     if workers == 1:
@@ -135,7 +140,8 @@ def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, r
     summary = {n: done[n]["metrics"] for n in names}
     for n in names:
         m = summary[n]
-        print(f"{section} fold {fold} {n:28s} test UA {m['ua']:.3f}  WA {m['wa']:.3f}" if "ua" in m else f"{section} fold {fold} {n}: {m}")
+        shown = {k: m[k] for k in ("ua", "wa", "mae", "corr", "acc2_non0", "acc7") if k in m}
+        print(f"{section} fold {fold} {n:28s} test " + "  ".join(f"{k.upper()} {v:.3f}" for k, v in shown.items()))
     write_json(Path(out_dir) / "metrics.json", summary)
     if os.environ.get("MMER_TIMING_DETAILS"):
         write_json(os.environ["MMER_TIMING_DETAILS"], {"section": section, "fold": fold, "workers": workers,
@@ -149,9 +155,9 @@ def run_experiment(section: str, fold: int, features_dir, out_dir, runs_dir, par
     "Run `section`'s variants on `fold` as configured in `params_file`; `extras` go to the paper's `prepare`."
     params, paper = resolve_profile(load_params(params_file)), PAPERS.get(section)
     params, split = paper.prepare(params, fold, **extras) if paper.prepare else (params, None)
-    print(describe_data(params)); print(describe_encoders(params), f"Profile: {params['profile']}.")
-    extras.pop("corpus", None)
-    return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split, models_dir)
+    print(describe_data(params), *([describe_encoders(params)] if paper.inputs is None else []), f"Profile: {params['profile']}.")
+    return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split, models_dir,
+                        extras)
 
 # %% ../nbs/39_experiment.ipynb #a5e1d0c2
 @torch.no_grad()

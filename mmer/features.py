@@ -65,10 +65,15 @@ def raw_collate(items: list[dict], tokenize=None) -> dict:
 
 # %% ../nbs/22_features.ipynb #8f5d365b
 def split_fingerprint(split: dict) -> str:
-    "Fingerprint of a fold's utterance tables: per split, the ids, labels and texts, in order."
+    """Fingerprint of a fold's utterance tables: per split, the ids, labels and texts, in order (or, for a split of
+    feature arrays such as an MMSA pickle's, a hash of every array in it)."""
+    import hashlib
     from mmer.core import fingerprint
-    return fingerprint({s: frame[[c for c in ("utt_id", "label", "text") if c in frame]].to_numpy().tolist()
-                        for s, frame in sorted(split.items())})
+    def one(frame):
+        if isinstance(frame, pd.DataFrame): return frame[[c for c in ("utt_id", "label", "text") if c in frame]].to_numpy().tolist()
+        return {k: hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest() if isinstance(v, np.ndarray) else str(v)
+                for k, v in sorted(frame.items())}
+    return fingerprint({s: one(frame) for s, frame in sorted(split.items())})
 
 def cache_layers(params: dict, modality: str) -> list[int] | None:
     "The hidden states cached for `modality`: its encoder's `cache_layers`, else `encoders.cache_layers` (None = all)."

@@ -78,11 +78,13 @@ def sentiment_metrics(y_true, y_pred, rounding: str = "half_even") -> dict:
     non0_true, non0_pred = y_true[non0] > 0, y_pred[non0] > 0
     nan = float("nan")
     corr = float(np.corrcoef(y_true, y_pred)[0, 1]) if y_true.std() > 0 and y_pred.std() > 0 else nan
+    binary = lambda t, p: classification_metrics(t.astype(int), p.astype(int), labels=[0, 1])    # WA = accuracy
+    has0, non0m = binary(has0_true, has0_pred), binary(non0_true, non0_pred) if non0.any() else None
     return {
-        "acc2_has0": float(accuracy_score(has0_true, has0_pred)),
-        "acc2_non0": float(accuracy_score(non0_true, non0_pred)) if non0.any() else nan,
-        "f1_has0": float(f1_score(has0_true, has0_pred, average="weighted", zero_division=0)),
-        "f1_non0": float(f1_score(non0_true, non0_pred, average="weighted", zero_division=0)) if non0.any() else nan,
+        "acc2_has0": has0["wa"],
+        "acc2_non0": non0m["wa"] if non0m else nan,
+        "f1_has0": has0["f1_weighted"],
+        "f1_non0": non0m["f1_weighted"] if non0m else nan,
         "acc7": float(np.mean(sentiment_class(y_true, rounding) == sentiment_class(y_pred, rounding))),
         "mae": float(np.mean(np.abs(y_true - y_pred))),
         "corr": corr,

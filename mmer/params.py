@@ -10,18 +10,19 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 # %% auto #0
-__all__ = ['Modality', 'Layer', 'Stage', 'Stride', 'Baseline', 'FDRL', 'MGCMA', 'LayerAdapter', 'WavFusion', 'Section',
+__all__ = ['Modality', 'Layer', 'Stage', 'Stride', 'Baseline', 'FDRL', 'MGCMA', 'LayerAdapter', 'WavFusion', 'TDMER', 'Section',
            'EncoderSpec', 'Train', 'Adapt', 'Encoders', 'Embedded', 'Video', 'MeldEmbedded', 'Meld', 'Data',
            'BaselineModel', 'FDRLModel', 'FDRLLoss', 'MGCMAModel', 'MGCMALoss', 'LayerAdapterModel', 'WavFusionModel',
-           'WavFusionLoss', 'WavFusionEncoders', 'WavFusionRun', 'NoLoss', 'paper_section', 'AsrSimulated',
-           'AsrWhisper', 'Asr', 'Profile', 'Params', 'check_params']
+           'WavFusionLoss', 'WavFusionEncoders', 'WavFusionRun', 'TDMERModel', 'TDMERLoss', 'MMSADataset',
+           'MMSAEvidence', 'MMSAEmbedded', 'TDMERData', 'NoLoss', 'paper_section', 'AsrSimulated', 'AsrWhisper', 'Asr',
+           'Profile', 'Params', 'check_params']
 
 # %% ../nbs/01_params.ipynb #01a0c005
 class Section(BaseModel):
     "A part of params.yaml: unknown keys are refused."
     model_config = ConfigDict(extra="forbid")
 
-Modality = Literal["speech", "text", "context", "video"]
+Modality = Literal["speech", "text", "context", "video", "audio", "vision"]   # audio, vision: MOSI's feature names
 
 class EncoderSpec(Section):
     name: str
@@ -209,6 +210,60 @@ class WavFusionRun(Section):
     corpus: Literal["iemocap", "meld"]
     fold: int
 
+class TDMERModel(Section):
+    width: Optional[int] = None
+    kernel_size: Optional[int] = None
+    heads: Optional[int] = None
+    dropout: Optional[float] = None
+    hidden: Optional[int] = None
+    frame_stride: Optional[Stride] = None
+    omega_normalization: Optional[Literal["all", "incoming"]] = None
+    attention_residual: Optional[bool] = None
+    detach_fusion_weights: Optional[bool] = None
+    fusion_norm: Optional[bool] = None
+    use_con: Optional[bool] = None
+    use_rec: Optional[bool] = None
+    use_cp: Optional[bool] = None
+    use_pp: Optional[bool] = None
+    use_en: Optional[bool] = None
+    use_common_cml: Optional[bool] = None
+    use_private_cml: Optional[bool] = None
+    use_tcf: Optional[bool] = None
+
+class TDMERLoss(Section):
+    alpha: Optional[float] = None
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    delta: Optional[float] = None
+    moments: Optional[int] = None
+    task_loss: Optional[Literal["l1", "mse"]] = None
+    rounding: Optional[Literal["half_even", "half_away"]] = None
+    center_orthogonality: Optional[bool] = None
+
+class MMSADataset(Section):
+    pickle: Optional[str] = None
+    checksum: Optional[str] = None
+    batch_size: Optional[int] = None
+
+class MMSAEvidence(Section):
+    presence: Optional[float] = None
+    strength: Optional[float] = None
+    noise: Optional[float] = None
+    intensity: Optional[float] = None
+    style: Optional[float] = None
+
+class MMSAEmbedded(Section):
+    out: Optional[str] = None
+    seed: Optional[int] = None
+    sizes: Optional[str] = None
+    aligned: Optional[bool] = None
+    evidence: Optional[dict[str, MMSAEvidence]] = None
+
+class TDMERData(Section):
+    datasets: Optional[dict[str, MMSADataset]] = None
+    embedded: Optional[MMSAEmbedded] = None
+    standardize: Optional[bool] = None
+
 class NoLoss(Section):
     "A paper whose loss is plain cross-entropy has no loss settings."
 
@@ -244,6 +299,7 @@ LayerAdapter = paper_section("LayerAdapter", LayerAdapterModel, text_source=(Opt
                              encoders=(Optional[Encoders], None))
 WavFusion = paper_section("WavFusion", WavFusionModel, WavFusionLoss, data=(Optional[Data], None),
                           encoders=(Optional[WavFusionEncoders], None), runs=(Optional[dict[str, WavFusionRun]], None))
+TDMER = paper_section("TDMER", TDMERModel, TDMERLoss, data=(Optional[TDMERData], None), seeds=(Optional[list[int]], None))
 
 class Profile(Section):
     "What a profile changes (`profiles.paper`): any subset of the sections."
@@ -256,6 +312,7 @@ class Profile(Section):
     asr: Optional[Asr] = None
     layer_adapter: Optional[LayerAdapter] = None
     wavfusion: Optional[WavFusion] = None
+    tdmer: Optional[TDMER] = None
 
 class Params(Profile):
     "The whole of params.yaml."

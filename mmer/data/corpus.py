@@ -52,6 +52,12 @@ def describe_data(params: dict, corpus: str | None = None) -> str:
     "A caption for results tables naming the data behind them (`corpus`: 'iemocap' or 'meld'; default `data.corpus`)."
     d = params["data"]
     corpus = corpus or d.get("corpus", "iemocap")
+    if corpus in ("mosi", "mosei"):                                   # TDMER: feature pickles (tdmer.data)
+        t = params["tdmer"]["data"]
+        pickle = t["datasets"][corpus].get("pickle")
+        if pickle: return f"Data: CMU-{corpus.upper()} features at {pickle} (MMSA pickle), predefined train / valid / test splits."
+        return (f"Data: the embedded SYNTHETIC {corpus.upper()}-format feature pickle (seed {t['embedded'].get('seed', 0)}); it is NOT "
+                f"CMU-{corpus.upper()} and its numbers are not comparable to the papers'. Predefined train / valid / test splits.")
     if corpus == "meld":
         m = d.get("meld") or {}
         if not m.get("root"):

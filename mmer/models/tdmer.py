@@ -17,8 +17,9 @@ from ..losses import cmd, dynamic_distillation_loss, soft_orthogonality, true_cl
 from ..metrics import sentiment_class, sentiment_metrics
 
 # %% auto #0
-__all__ = ['SENTIMENT_CLASSES', 'ABLATIONS', 'tdmer_switches', 'directed_edges', 'TDMER', 'reconstruction_loss', 'tdmer_terms',
-           'tdmer_loss', 'TDMERObjective', 'build_tdmer', 'predict_sentiment', 'evaluate_sentiment']
+__all__ = ['SENTIMENT_CLASSES', 'ABLATIONS', 'PAPER', 'tdmer_switches', 'directed_edges', 'TDMER', 'reconstruction_loss',
+           'tdmer_terms', 'tdmer_loss', 'TDMERObjective', 'build_tdmer', 'predict_sentiment', 'evaluate_sentiment',
+           'prepare', 'inputs', 'build', 'evaluate', 'after']
 
 # %% ../../nbs/54_tdmer.ipynb #1e933f42
 def tdmer_switches(modalities, use_con=True, use_rec=True, use_cp=True, use_pp=True, use_en=True,
@@ -256,3 +257,54 @@ def evaluate_sentiment(model: nn.Module, loader, rounding: str = "half_even") ->
     "`sentiment_metrics` of `model`'s predictions on `loader`."
     p = predict_sentiment(model, loader)
     return sentiment_metrics(p["y_true"].to_numpy(), p["y_pred"].to_numpy(), rounding)
+
+# %% ../../nbs/54_tdmer.ipynb #54e0a102
+from ..core import deep_merge, register_paper
+
+_DATA: dict = {}
+
+def _read_cached(path, checksum=None) -> dict:
+    "`read_mmsa_pickle`, once per process and file version (every seed and variant reads the same pickle)."
+    import os
+    from mmer.data.mosi import read_mmsa_pickle
+    key = (str(path), os.stat(path).st_mtime_ns if os.path.exists(path) else None, checksum)
+    if key not in _DATA: _DATA.clear(); _DATA[key] = read_mmsa_pickle(path, checksum=checksum)
+    return _DATA[key]
+
+def prepare(params: dict, fold: int, dataset: str = "mosi") -> tuple[dict, dict]:
+    "(params with seed `fold` and `dataset`'s batch size, the dataset's splits from its MMSA pickle)."
+    from mmer.data.mosi_synth import embedded_pickle_path
+    data = params["tdmer"]["data"]
+    if dataset not in data["datasets"]: raise KeyError(f"tdmer.data.datasets has no {dataset!r} (found {sorted(data['datasets'])})")
+    ds = data["datasets"][dataset]
+    path = ds.get("pickle") or embedded_pickle_path(data["embedded"]["out"], dataset, data["embedded"].get("aligned", False))
+    split = _read_cached(path, ds.get("checksum"))
+    train = {"seed": int(fold), **({"batch_size": ds["batch_size"]} if ds.get("batch_size") else {})}
+    params = {**params, "tdmer": deep_merge(params["tdmer"], {"train": train}), "data": {**params["data"], "corpus": dataset}}
+    return params, split
+
+def inputs(params: dict, split: dict, modalities, batch_size: int, seed: int = 0, features_dir=None):
+    "The loaders of MMSA's train / valid / test splits and the features' widths (no encoder: the features are given)."
+    from mmer.data.mosi import mmsa_loaders
+    from mmer.features import Inputs
+    loaders, dims = mmsa_loaders(split, modalities, batch_size, seed, params["tdmer"]["data"].get("standardize", True))
+    return Inputs(loaders, dims, None, {m: 1 for m in dims}, {})
+
+def build(config: dict, ctx) -> tuple:
+    "TDMER for one variant (`ctx` a `VariantContext`) and its objective (Eq. 14)."
+    return build_tdmer(config, ctx.dims)
+
+def evaluate(model, loader, device=None, bf16: bool = False, state=None):
+    "(predictions, sentiment metrics) on `loader`: what `fit` selects on (validation MAE) and the test split reports."
+    predictions = predict_sentiment(model, loader, device)
+    return predictions, sentiment_metrics(predictions["y_true"].to_numpy(), predictions["y_pred"].to_numpy())
+
+@torch.no_grad()
+def after(config: dict, result, loaders: dict, ctx) -> None:
+    "For Fig. 2 (first seed): the test utterances' mean-pooled common and private features of each modality."
+    from mmer.experiment import save_representations
+    if ctx.fold != ctx.paper["seeds"][0] or ctx.name not in ("full", "no_decoupling"): return None
+    save_representations(result.model, loaders["test"], ctx.out_dir / "representations.npz",
+                         lambda out: {f"{kind}_{m}": v for kind in ("common", "private") for m, v in out[kind].items()})
+
+PAPER = register_paper("tdmer", build, after=after, prepare=prepare, inputs=inputs, evaluate=evaluate, main_variant="full")
