@@ -255,7 +255,7 @@ class MMSAEvidence(Section):
 class MMSAEmbedded(Section):
     out: Optional[str] = None
     seed: Optional[int] = None
-    sizes: Optional[str] = None
+    sizes: Optional[Union[str, dict[str, int]]] = None
     aligned: Optional[bool] = None
     evidence: Optional[dict[str, MMSAEvidence]] = None
 

@@ -46,6 +46,13 @@ def small_params() -> dict:
     p["mgcma"]["train"]["epochs"] = 2
     p["layer_adapter"]["encoders"]["adapt"]["context"]["epochs"] = 1
     p["layer_adapter"]["train"]["epochs"] = 2
+    p["wavfusion"]["data"]["protocol"] = "loso"                                     # 2 sessions: test on session 2
+    p["wavfusion"]["runs"] = {"iemocap2": {"corpus": "iemocap", "fold": 2}, "meld": {"corpus": "meld", "fold": 0}}
+    p["wavfusion"]["encoders"]["adapt"] = {"text": None, "speech": {"epochs": 1, "lr": 0.001, "batch_size": 8}}
+    p["wavfusion"]["train"]["epochs"] = 1
+    p["tdmer"]["data"]["embedded"]["sizes"] = {"train": 32, "valid": 12, "test": 16}
+    p["tdmer"]["seeds"] = [0, 1]
+    p["tdmer"]["train"]["epochs"] = 1
     return p
 
 
