@@ -68,10 +68,13 @@ def _registry_modules(root: Path, package: str = PACKAGE) -> dict[str, str]:
 def import_closure(entry, root, package: str = PACKAGE) -> list[Path]:
     """Every file `entry` (a notebook, a module file, or a module name like 'mmer.asr') can import from `package`,
     itself included. In an entry notebook, a call whose first argument names a registered paper or model (e.g.
-    `run_experiment("fdrl", ...)`) counts as an import of its module: that is what the registry imports."""
+    `run_experiment("fdrl", ...)`) counts as an import of its module: that is what the registry imports. So does
+    the paper a stage passes to a notebook as a papermill parameter, written `<notebook>::<paper>` (`stage_entries`)."""
     root = Path(root)
     registry = _registry_modules(root, package)
-    if isinstance(entry, str) and not entry.endswith((".py", ".ipynb")):
+    entry, _, paper = str(entry).partition("::")
+    if paper: return list(dict.fromkeys(import_closure(entry, root, package) + import_closure(registry[paper], root, package)))
+    if not entry.endswith((".py", ".ipynb")):
         todo, files = [entry], []
     else:
         path = Path(entry)
@@ -109,36 +112,46 @@ def file_fingerprint(path) -> str:
 # %% ../nbs/07_pipeline.ipynb #07a0b00e
 _PAPERMILL = re.compile(r"papermill\b.*?\s(\S+\.ipynb)")
 _MODULE = re.compile(r"python\s+-m\s+(?!mmer\.pipeline\b)([\w.]+)")
+_PAPER_PARAMETER = re.compile(r"\s-p\s+paper\s+(\w+)")
 
 def stage_entries(dvc_yaml="dvc.yaml") -> dict[str, str]:
-    "stage name -> its command's entry point (a notebook path or a module name); stages without one are left out."
+    """stage name -> its command's entry point (a notebook path or a module name); stages without one are left out.
+    A notebook run with a registered paper as its `paper` parameter (e.g. the encoders notebook for the Layer Adapter
+    paper, whose registry entry adds a `prepare` hook) is the entry `<notebook>::<paper>`: it can import that paper's module."""
     import yaml
     stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    registry = _registry_modules(Path(dvc_yaml).parent)
     out = {}
     for name, stage in stages.items():
         cmd = (stage.get("do") or stage).get("cmd", "")
         cmd = " ".join(cmd) if isinstance(cmd, list) else cmd
-        if m := _PAPERMILL.search(cmd): out[name] = m[1]
+        if m := _PAPERMILL.search(cmd):
+            paper = _PAPER_PARAMETER.search(cmd)
+            out[name] = f"{m[1]}::{paper[1]}" if paper and paper[1] in registry else m[1]
         elif m := _MODULE.search(cmd): out[name] = m[1]
     return out
 
 def entry_points(root=".", notebooks="nbs/experiments", package: str = PACKAGE) -> dict[str, str]:
-    "fingerprint name -> entry: every experiment notebook (by stem) and every module of `package` with a command line."
+    """fingerprint name -> entry: every experiment notebook (by stem), every module of `package` with a command line,
+    and every `<notebook>::<paper>` entry a stage of `<root>/dvc.yaml` runs."""
     root = Path(root)
     out = {p.stem: Path(os.path.relpath(p, root)).as_posix() for p in sorted((root / notebooks).glob("*.ipynb"))}
+    if (root / "dvc.yaml").exists():
+        out |= {fingerprint_name(e): e for e in stage_entries(root / "dvc.yaml").values() if "::" in e}
     for path in sorted((root / package).rglob("*.py")):
         if "__pycache__" in path.parts: continue
         if re.search(r"^if __name__ == .__main__.", path.read_text(), re.M): out[_module_name(path, root)] = _module_name(path, root)
     return out
 
 def fingerprint_name(entry: str) -> str:
-    "The name of `entry`'s fingerprint file: a notebook's stem, or the module's name."
-    return Path(entry).stem if entry.endswith(".ipynb") else entry
+    "The name of `entry`'s fingerprint file: a notebook's stem (`<stem>.<paper>` for `<notebook>::<paper>`), or the module's name."
+    entry, _, paper = entry.partition("::")
+    return (Path(entry).stem + (f".{paper}" if paper else "")) if entry.endswith(".ipynb") else entry
 
 def code_fingerprint_text(entry: str, root=".") -> str:
     "The content of `results/code/<entry>.txt`: one line per file of the entry's import closure."
     root = Path(root)
-    files = import_closure(root / entry if entry.endswith(".ipynb") else entry, root)
+    files = import_closure(str(root / entry) if ".ipynb" in entry else entry, root)
     lines = [f"{file_fingerprint(f)}  {Path(os.path.relpath(f, root)).as_posix()}" for f in files]
     return (f"# Code that {entry} can run (its import closure), with a hash of each file's normalised content.\n"
             f"# `python -m mmer.pipeline code` rewrites this file; DVC re-runs the stages that run {entry} when it changes.\n"
