@@ -113,9 +113,12 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 def _joint(groups: dict, method: str, seed: int):
     X = np.concatenate([np.asarray(x, dtype=np.float32) for x, _ in groups.values()])
-    if method == "tsne": Z = TSNE(2, perplexity=min(30, max(2, (len(X) - 1) // 3)), init="pca", random_state=seed).fit_transform(X)
-    elif method == "pca": Z = PCA(2, random_state=seed).fit_transform(X)
-    else: raise ValueError(f"method must be tsne or pca, got {method!r}")
+    if not np.isfinite(X).all(): raise ValueError(f"features to embed hold {int((~np.isfinite(X)).sum())} NaN or inf values: {list(groups)}")
+    if method not in ("tsne", "pca"): raise ValueError(f"method must be tsne or pca, got {method!r}")
+    if np.ptp(X, axis=0).max(initial=0.0) == 0:          # all points equal (a model that has not learnt yet): one point,
+        Z = np.zeros((len(X), 2), np.float32)            # where t-SNE's PCA initialisation would divide by zero and crash
+    elif method == "tsne": Z = TSNE(2, perplexity=min(30, max(2, (len(X) - 1) // 3)), init="pca", random_state=seed).fit_transform(X)
+    else: Z = PCA(2, random_state=seed).fit_transform(X)
     out, i = {}, 0
     for name, (x, y) in groups.items(): out[name] = (Z[i:i + len(x)], np.asarray(y)); i += len(x)
     return out
