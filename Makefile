@@ -34,10 +34,10 @@ repro: env
 	@cat results/tables/*.md results/timing.md
 
 test: env
-	python -m pytest -q tests
+	python -m pytest -q --durations=12 tests
 
 test-fast: env
-	python -m pytest -q -m "not slow" tests
+	python -m pytest -q --durations=5 -m "not slow" tests
 
 bench: env
 	python -m mmer.bench
