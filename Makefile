@@ -37,7 +37,7 @@ test: env
 	python -m pytest -q --durations=12 tests
 
 test-fast: env
-	python -m pytest -q --durations=5 -m "not slow" tests
+	python -m pytest -q -n 2 --durations=5 -m "not slow" tests
 
 bench: env
 	python -m mmer.bench

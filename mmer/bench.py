@@ -8,10 +8,15 @@ import argparse, json, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FEATURES', 'COLUMNS', 'bench_paper', 'format_rows', 'bench', 'main']
+__all__ = ['FEATURES', 'FOLDS', 'EXTRAS', 'PAPER_NAMES', 'COLUMNS', 'bench_paper', 'format_rows', 'bench', 'main']
 
 # %% ../nbs/42_bench.ipynb #42b0c005
-FEATURES = {"layer_adapter": "data/features_la/fold{fold}"}     # the cache a paper reads; default data/features/fold{fold}
+# Where each paper's run reads its inputs (default: the cache data/features/fold{fold} of stage `encoders`), the fold it
+# is measured on (WavFusion's IEMOCAP protocol tests session 5; TDMER's "fold" is its seed) and what its `prepare` takes.
+FEATURES = {"layer_adapter": "data/features_la/fold{fold}", "wavfusion": "data/features_wf/iemocap/fold{fold}", "tdmer": None}
+FOLDS = {"wavfusion": 5}
+EXTRAS = {"layer_adapter": {"transcripts": "data/asr/transcripts.csv"}, "wavfusion": {"corpus": "iemocap"},
+          "tdmer": {"dataset": "mosi"}}
 
 def _epoch_seconds(run_epoch, repeats: int) -> float:
     "Median seconds of `run_epoch()` over `repeats` calls, after one warm-up call."
@@ -22,28 +27,35 @@ def _epoch_seconds(run_epoch, repeats: int) -> float:
         start = time.perf_counter(); run_epoch(); times.append(time.perf_counter() - start)
     return statistics.median(times)
 
-def bench_paper(section: str, fold: int = 1, params_file="params.yaml", repeats: int = 3, live: bool = True,
-                transcripts="data/asr/transcripts.csv") -> dict:
-    "Seconds per epoch of `section`'s main variant: bare loop, `fit`, and with the encoders live; throughput."
+def bench_paper(section: str, fold: int | None = None, params_file="params.yaml", repeats: int = 3, live: bool = True) -> dict:
+    """Seconds per epoch of `section`'s main variant: bare loop, `fit`, and with the encoders live; throughput.
+    Live: the speech and text encoders run on the audio and text of every batch (as when fine-tuning, but frozen);
+    video, whose frames are decoded once, stays cached. A paper with no encoders (TDMER reads given features) has no
+    live row."""
     import torch
     from mmer.core import PAPERS, load_params, resolve_profile, seed_everything
     from mmer.data.corpus import class_names
-    from mmer.encoders import build_encoder, freeze
+    from mmer.encoders import freeze
     from mmer.experiment import VariantContext, fold_split, variant_config
-    from mmer.features import experiment_inputs, split_loaders
+    from mmer.features import experiment_inputs
     from mmer.train import TrainConfig, TrainState, _caller, _optimizer, fit
     params, paper = resolve_profile(load_params(params_file)), PAPERS.get(section)
-    params, split = paper.prepare(params, fold, transcripts=transcripts) if paper.prepare else (params, fold_split(params, fold))
+    fold = FOLDS.get(section, 1) if fold is None else fold
+    params, split = paper.prepare(params, fold, **EXTRAS.get(section, {})) if paper.prepare else (params, fold_split(params, fold))
     cfg = TrainConfig.from_dict({k: v for k, v in {**params["train"], **params[section]["train"]}.items() if k != "workers"})
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     name = paper.main_variant
-    config, classes = variant_config(params[section], params[section]["variants"][name]), class_names(params)
-    features = FEATURES.get(section, "data/features/fold{fold}").format(fold=fold)
-    inputs = experiment_inputs(params, split, classes, config["modalities"], cfg.batch_size, cfg.seed, features)
+    config = variant_config(params[section], params[section]["variants"][name])
+    classes = class_names(params) if paper.inputs is None else None
+    features = FEATURES.get(section, "data/features/fold{fold}")
+    features = features.format(fold=fold) if features else None
+    make_inputs = paper.inputs or (lambda p, *a: experiment_inputs(p, a[0], classes, *a[1:]))
+    inputs = make_inputs(params, split, config["modalities"], cfg.batch_size, cfg.seed, features)
 
-    def make(encoders=None, dims=None):
+    def make(inputs, encoders=None):
         seed_everything(cfg.seed)
-        ctx = VariantContext(params, section, name, fold, classes, dims or inputs.dims, inputs.num_hidden_states, encoders, Path("."))
+        ctx = VariantContext(params, section, name, fold, classes, inputs.dims, inputs.num_hidden_states, encoders, Path("."),
+                             Path(features) if features else None, inputs.layers)
         return paper.build(config, ctx)
 
     def bare(model, loss_fn, loader):
@@ -55,29 +67,38 @@ def bench_paper(section: str, fold: int = 1, params_file="params.yaml", repeats:
                 opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return epoch
 
-    train, n = inputs.loaders["train"], len(split["train"])
-    bare_s = _epoch_seconds(bare(*make()[:2], train), repeats)
+    train, n = inputs.loaders["train"], len(inputs.loaders["train"].dataset)
+    bare_s = _epoch_seconds(bare(*make(inputs)[:2], train), repeats)
     with tempfile.TemporaryDirectory() as d:
-        model, loss_fn, callbacks = make()
+        model, loss_fn, callbacks = make(inputs)
         run = lambda k: fit(model, train, inputs.loaders["val"], Path(d) / str(k), {**cfg.__dict__, "epochs": repeats, "progress": False},
-                            loss_fn, callbacks)
+                            loss_fn, callbacks, **({"evaluate": paper.evaluate} if paper.evaluate else {}))
         run(0)                                                                  # warm-up
         start = time.perf_counter(); run(1); fit_s = (time.perf_counter() - start) / repeats
-    out = {"paper": section, "variant": name, "train_utterances": n, "batch_size": cfg.batch_size, "threads": torch.get_num_threads(),
-           "bare_epoch_s": round(bare_s, 3), "fit_epoch_s": round(fit_s, 3), "loop_overhead": round(fit_s / bare_s, 3),
-           "utterances_per_s": round(n / fit_s, 1)}
-    if live:
-        enc = params["encoders"]
-        encoders = {m: freeze(build_encoder(enc[m], texts=list(split["train"]["text"]) if m == "text" else None))
-                    for m in config["modalities"]}
-        loaders = split_loaders({"train": split["train"]}, classes, cfg.batch_size, cfg.seed, encoders=encoders, bucket=False)
-        model, loss_fn, _ = make(encoders, {m: e.dim for m, e in encoders.items()})
-        live_s = _epoch_seconds(bare(model, loss_fn, loaders["train"]), 1)
-        out.update(live_epoch_s=round(live_s, 3), cache_speedup=round(live_s / bare_s, 1))
+    out = {"paper": section, "variant": name, "fold": fold, "train_utterances": n, "batch_size": cfg.batch_size,
+           "threads": torch.get_num_threads(), "bare_epoch_s": round(bare_s, 3), "fit_epoch_s": round(fit_s, 3),
+           "loop_overhead": round(fit_s / bare_s, 3), "utterances_per_s": round(n / fit_s, 1)}
+    live_modalities = [m for m in config["modalities"] if m in ("speech", "text")]
+    if live and paper.inputs is None and live_modalities:
+        from mmer.encoders import build_encoder
+        from mmer.features import Inputs, cache_key_parts, input_fingerprint, open_store, split_loaders
+        stores = {m: open_store(Path(features) / m, input_fingerprint(params, m), cache_key_parts(params, m, split))
+                  for m in config["modalities"] if m not in live_modalities}             # the same caches as above
+        texts = list(split["train"]["text"])
+        encoders = {m: freeze(build_encoder(params["encoders"][m], texts=texts if m == "text" else None)) for m in live_modalities}
+        loader = split_loaders({"train": split["train"]}, classes, cfg.batch_size, cfg.seed, stores=stores, encoders=encoders,
+                               bucket=False)["train"]
+        live_inputs = Inputs({"train": loader}, {**{m: s.dim for m, s in stores.items()}, **{m: e.dim for m, e in encoders.items()}},
+                             encoders, {**{m: s.num_hidden_states for m, s in stores.items()},
+                                        **{m: e.num_hidden_states for m, e in encoders.items()}}, {m: s.layers for m, s in stores.items()})
+        model, loss_fn, _ = make(live_inputs, encoders)
+        live_s = _epoch_seconds(bare(model, loss_fn, loader), 1)
+        out.update(live=live_modalities, live_epoch_s=round(live_s, 3), cache_speedup=round(live_s / bare_s, 1))
     out["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
 # %% ../nbs/42_bench.ipynb #42b0c007
+PAPER_NAMES = ("baseline", "fdrl", "mgcma", "layer_adapter", "wavfusion", "tdmer")
 COLUMNS = [("paper", "paper"), ("train_utterances", "train utts"), ("utterances_per_s", "utts/s"), ("bare_epoch_s", "bare s/epoch"),
            ("fit_epoch_s", "fit s/epoch"), ("loop_overhead", "fit/bare"), ("live_epoch_s", "live s/epoch"),
            ("cache_speedup", "live/cached"), ("peak_memory_mb", "peak MB")]
@@ -87,13 +108,13 @@ def format_rows(rows: list[dict]) -> str:
     head = "| " + " | ".join(t for _, t in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     return head + "\n".join("| " + " | ".join(str(r.get(k, "")) for k, _ in COLUMNS) + " |" for r in rows) + "\n"
 
-def bench(papers=("baseline", "fdrl", "mgcma", "layer_adapter"), fold: int = 1, params_file="params.yaml", repeats: int = 3,
+def bench(papers=PAPER_NAMES, fold: int | None = None, params_file="params.yaml", repeats: int = 3,
           live: bool = True) -> list[dict]:
     "Benchmark each paper in its own process; returns the rows."
     rows = []
     for paper in papers:
-        cmd = [sys.executable, "-m", "mmer.bench", "--one", paper, "--fold", str(fold), "--params", str(params_file),
-               "--repeats", str(repeats)] + ([] if live else ["--no-live"])
+        cmd = [sys.executable, "-m", "mmer.bench", "--one", paper, "--params", str(params_file), "--repeats", str(repeats),
+               *(["--fold", str(fold)] if fold is not None else [])] + ([] if live else ["--no-live"])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode: raise RuntimeError(f"benchmark of {paper} failed:\n{r.stderr[-3000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -103,7 +124,8 @@ def bench(papers=("baseline", "fdrl", "mgcma", "layer_adapter"), fold: int = 1, 
 def main(argv=None):
     "Command line: `python -m mmer.bench [--papers a,b] [--fold 1] [--repeats 3] [--json out.json]`."
     ap = argparse.ArgumentParser(prog="python -m mmer.bench", description="Per-paper epoch cost on the cached features.")
-    ap.add_argument("--papers", default="baseline,fdrl,mgcma,layer_adapter"); ap.add_argument("--fold", type=int, default=1)
+    ap.add_argument("--papers", default=",".join(PAPER_NAMES))
+    ap.add_argument("--fold", type=int, default=None, help="the fold (default: 1; WavFusion 5, its IEMOCAP test session)")
     ap.add_argument("--params", default="params.yaml"); ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-live", action="store_true", help="skip the epoch with live encoders")
     ap.add_argument("--one", help=argparse.SUPPRESS); ap.add_argument("--json", help="also write the rows to this file")

@@ -159,6 +159,19 @@ def test_second_repro_does_nothing(project):
     assert "Running stage" not in out, out
 
 
+def test_bench_measures_every_paper_from_the_pipelines_caches(project):
+    out = project / "bench.json"
+    run([sys.executable, "-m", "mmer.bench", "--fold", "2", "--repeats", "1", "--json", str(out)], project, timeout=900,
+        extra_env={"PYTHONPATH": str(project)})
+    rows = {r["paper"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"baseline", "fdrl", "mgcma", "layer_adapter", "wavfusion", "tdmer"}, rows
+    for paper, r in rows.items():
+        assert r["bare_epoch_s"] > 0 and r["fit_epoch_s"] > 0 and r["peak_memory_mb"] > 0, r
+        if paper == "tdmer": assert "live_epoch_s" not in r, r                    # given features: nothing to run live
+        else: assert r["live_epoch_s"] > r["bare_epoch_s"], r                      # running the encoders costs more than the cache
+    assert rows["wavfusion"]["live"] == ["speech", "text"], rows["wavfusion"]      # video stays cached
+
+
 def test_every_stage_records_its_wall_time(project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     for stage in lock:
