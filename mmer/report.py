@@ -18,7 +18,7 @@ from .core import atomic_path, write_text
 from .metrics import confusion
 
 # %% auto #0
-__all__ = ['METRICS', 'collect_runs', 'summarise', 'format_table', 'markdown_table', 'write_table', 'plot_confusion',
+__all__ = ['METRICS', 'collect_runs', 'summarise', 'mean_std', 'format_table', 'markdown_table', 'write_table', 'plot_confusion',
            'plot_curves', 'plot_embedding_panels', 'centroid_distance', 'plot_centroids', 'plot_layer_weights',
            'plot_per_fold']
 
@@ -49,11 +49,15 @@ def summarise(runs: pd.DataFrame, metrics=METRICS, order=None) -> pd.DataFrame:
     return out.reset_index()
 
 # %% ../nbs/90_report.ipynb #68b63c9c
+def mean_std(mean: float, std: float, runs: int, digits: int = 2) -> str:
+    "`mean ± std` over `runs` runs, or the mean alone for a single run: a std of 0 over one run would claim a spread."
+    return f"{mean:.{digits}f}" if runs == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
 def format_table(summary: pd.DataFrame, metrics=("wa", "ua"), labels: dict | None = None, paper: dict | None = None) -> pd.DataFrame:
-    "`mean ± std` strings per metric; `labels` renames variants; `paper` = {variant: {metric: value}} adds 'paper' columns."
+    "`mean ± std` strings per metric (`mean_std`); `labels` renames variants; `paper` = {variant: {metric: value}} adds 'paper' columns."
     out = pd.DataFrame({"variant": [(labels or {}).get(v, v) for v in summary["variant"]]})
     for m in metrics:
-        out[f"{m.upper()} (ours)"] = [f"{a:.2f} ± {b:.2f}" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+        out[f"{m.upper()} (ours)"] = [mean_std(a, b, n) for a, b, n in zip(summary[f"{m}_mean"], summary[f"{m}_std"], summary["folds"])]
         if paper is not None:
             out[f"{m.upper()} (paper)"] = [_fmt((paper.get(v) or {}).get(m)) for v in summary["variant"]]
     fold_cols = [c for c in summary.columns if c.startswith("ua_fold")]

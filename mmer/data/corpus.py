@@ -4,7 +4,7 @@
 
 # %% ../../nbs/12_data_corpus.ipynb #a2fc1889
 from __future__ import annotations
-import argparse, subprocess, sys, time
+import argparse, hashlib, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +14,7 @@ from .iemocap import CLASSES_4, CLASSES_6, PROTOCOLS, protocol_split, read_iemoc
 
 # %% auto #0
 __all__ = ['class_names', 'is_embedded', 'corpus_root', 'protocol', 'protocol_folds', 'describe_data', 'describe_encoders',
-           'load_corpus', 'load_fold', 'meld_root', 'load_meld', 'prepare_corpus']
+           'load_corpus', 'load_fold', 'meld_root', 'load_meld', 'corpus_manifest', 'prepare_corpus']
 
 # %% ../../nbs/12_data_corpus.ipynb #6a84d2bc
 def class_names(params: dict) -> list[str]:
@@ -118,19 +118,56 @@ def _start_embedded_meld(params: dict) -> subprocess.Popen | None:
     if e.get("per_class"): cmd += ["--per-class", str(int(e["per_class"]))]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-def prepare_corpus(params_file="params.yaml") -> Path:
-    "Make the embedded corpora, or check the real IEMOCAP / MELD roots; returns the IEMOCAP folder the experiments read."
+def _stop_embedded_meld(job: subprocess.Popen, params: dict) -> None:
+    """Stop a MELD generator that is still running and remove its half-written folder: when the IEMOCAP side fails,
+    nothing may go on writing into `data/embedded` after the corpus stage has exited (DVC hashes that folder next)."""
+    from mmer.data.synth_meld import RELEASE
+    if job.poll() is None:
+        job.terminate()
+        try: job.wait(timeout=30)
+        except subprocess.TimeoutExpired: job.kill(); job.wait()
+    out = Path((params["data"]["meld"].get("embedded") or {}).get("out", "data/embedded"))
+    shutil.rmtree(out / f".{RELEASE}.{job.pid}.partial", ignore_errors=True)   # the generator's own temporary folder
+
+def corpus_manifest(params: dict) -> str:
+    """One line per file of the corpora the experiments read (the IEMOCAP folder, and MELD's when `data.meld` is set):
+    path, size and, for a corpus this project generated, the SHA-256 of its bytes (a byte-identical regeneration gives
+    the same manifest); for a real release, whose video alone is many GB, the modification time instead."""
+    roots = {"iemocap": (corpus_root(params), is_embedded(params))}
+    m = params["data"].get("meld")
+    if m is not None: roots["meld"] = (meld_root(params), not m.get("root"))
+    lines = ["corpus\tfile\tsize\tsha256 (generated here) or mtime_ns (a real release)"]
+    for name, (root, generated) in roots.items():
+        if not root.is_dir(): raise FileNotFoundError(f"corpus manifest: {name} folder {root} not found")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for f in sorted(filenames):
+                path = Path(dirpath) / f
+                st = path.stat()
+                if generated:
+                    with open(path, "rb") as fh: stamp = hashlib.file_digest(fh, "sha256").hexdigest()
+                else: stamp = str(st.st_mtime_ns)
+                lines.append(f"{name}\t{path.relative_to(root).as_posix()}\t{st.st_size}\t{stamp}")
+    return "\n".join(lines) + "\n"
+
+def prepare_corpus(params_file="params.yaml", manifest=None) -> Path:
+    """Make the embedded corpora, or check the real IEMOCAP / MELD roots; returns the IEMOCAP folder the experiments read.
+    `manifest`: also write `corpus_manifest` there (the stages that read the corpus depend on it: see dvc.yaml)."""
     params = load_params(params_file)
     out = Path(params["data"]["embedded"]["out"])
     began, meld_job = time.time(), _start_embedded_meld(params)
-    if is_embedded(params):
-        from mmer.data.synth import make_embedded_iemocap
-        e = params["data"]["embedded"]
-        make_embedded_iemocap(out, seed=e["seed"], n_sessions=e.get("sessions", 5), per_speaker=e.get("per_speaker"))
-    else:
-        df = load_corpus(params)
-        write_text(out / "NOT_USED.md", f"params.yaml points at IEMOCAP ({corpus_root(params)}, {len(df)} utterances); "
-                                         "the embedded corpus was not generated.\n")
+    try:
+        if is_embedded(params):
+            from mmer.data.synth import make_embedded_iemocap
+            e = params["data"]["embedded"]
+            make_embedded_iemocap(out, seed=e["seed"], n_sessions=e.get("sessions", 5), per_speaker=e.get("per_speaker"))
+        else:
+            df = load_corpus(params)
+            write_text(out / "NOT_USED.md", f"params.yaml points at IEMOCAP ({corpus_root(params)}, {len(df)} utterances); "
+                                             "the embedded corpus was not generated.\n")
+    except BaseException:
+        if meld_job is not None: _stop_embedded_meld(meld_job, params)
+        raise
     if meld_job is not None:
         _, err = meld_job.communicate()
         if meld_job.returncode != 0: raise RuntimeError(f"{' '.join(meld_job.args)} failed:\n{err}")
@@ -140,10 +177,13 @@ def prepare_corpus(params_file="params.yaml") -> Path:
         write_text(out / "MELD_NOT_USED.md", f"params.yaml points at MELD ({meld_root(params)}, {len(dm)} usable "
                                               "utterances); "
                                               "the embedded MELD was not generated.\n")
+    if manifest is not None: write_text(manifest, corpus_manifest(params))
     return corpus_root(params)
 
 # %% ../../nbs/12_data_corpus.ipynb #908a05b0
 if __name__ == "__main__" and not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
     ap = argparse.ArgumentParser(description=prepare_corpus.__doc__)
     ap.add_argument("params", nargs="?", default="params.yaml")
-    print(prepare_corpus(ap.parse_args().params))
+    ap.add_argument("--manifest", default=None, help="also write the corpus manifest (one line per corpus file) here")
+    args = ap.parse_args()
+    print(prepare_corpus(args.params, args.manifest))
