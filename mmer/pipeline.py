@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_pipeline.ipynb #07a0b003
 from __future__ import annotations
-import argparse, ast, hashlib, json, os, re, resource, subprocess, sys, time
+import argparse, ast, functools, hashlib, json, os, re, resource, subprocess, sys, time
 from pathlib import Path
 
 # %% auto #0
@@ -26,10 +26,20 @@ def _module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
+@functools.lru_cache(maxsize=None)
+def _parse(source: str) -> ast.AST:
+    "`ast.parse`, once per distinct source text in a process (`python -m mmer.pipeline code` reads each module ~25 times)."
+    return ast.parse(source)
+
 def module_imports(tree: ast.AST, current: str, root: Path, package: str = PACKAGE) -> set[str]:
     "The `package` modules that the syntax tree of module `current` imports anywhere in it."
-    found = set()
     is_pkg = (_module_file(current, root) or Path()).name == "__init__.py" if current else False
+    return {name for name in _imported_names(tree, current, is_pkg, package) if _module_file(name, root)}
+
+@functools.lru_cache(maxsize=None)
+def _imported_names(tree: ast.AST, current: str, is_pkg: bool, package: str) -> frozenset[str]:
+    "Every dotted name under `package` that `tree` imports (whether or not a module file exists for it)."
+    found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import): names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -41,10 +51,8 @@ def module_imports(tree: ast.AST, current: str, root: Path, package: str = PACKA
             else: mod = node.module or ""
             names = [mod] + [f"{mod}.{a.name}" for a in node.names]
         else: continue
-        for name in names:
-            if name == package or name.startswith(package + "."):
-                if _module_file(name, root): found.add(name)
-    return found
+        found.update(n for n in names if n == package or n.startswith(package + "."))
+    return frozenset(found)
 
 def notebook_source(path) -> str:
     "The code of a notebook's code cells, in order (magics and shell lines dropped), as one Python source."
@@ -59,7 +67,7 @@ def _registry_modules(root: Path, package: str = PACKAGE) -> dict[str, str]:
     core = _module_file(f"{package}.core", root)
     out = {}
     if core is None: return out
-    for node in ast.parse(core.read_text()).body:
+    for node in _parse(core.read_text()).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_MODULES") for t in node.targets):
             try: out.update(ast.literal_eval(node.value))
             except ValueError: pass
@@ -79,7 +87,7 @@ def import_closure(entry, root, package: str = PACKAGE) -> list[Path]:
     else:
         path = Path(entry)
         source = notebook_source(path) if path.suffix == ".ipynb" else path.read_text()
-        tree, files = ast.parse(source), [path]
+        tree, files = _parse(source), [path]
         current = _module_name(path.resolve(), root.resolve()) if path.suffix == ".py" and path.resolve().is_relative_to(root.resolve()) else ""
         todo = sorted(module_imports(tree, current, root, package))
         if path.suffix == ".ipynb":
@@ -93,7 +101,7 @@ def import_closure(entry, root, package: str = PACKAGE) -> list[Path]:
             sub = ".".join(parts[:i])
             if sub in seen or _module_file(sub, root) is None: continue
             seen.add(sub)
-            todo += sorted(module_imports(ast.parse(_module_file(sub, root).read_text()), sub, root, package) - seen)
+            todo += sorted(module_imports(_parse(_module_file(sub, root).read_text()), sub, root, package) - seen)
     return files + sorted({_module_file(m, root) for m in seen}, key=str)
 
 # %% ../nbs/07_pipeline.ipynb #07a0b00b
@@ -103,7 +111,10 @@ def normalised_source(path) -> str:
     if path.suffix == ".ipynb":
         cells = json.loads(path.read_text())["cells"]
         return json.dumps([[c.get("metadata", {}).get("tags", []), "".join(c["source"])] for c in cells if c["cell_type"] == "code"])
-    return ast.dump(ast.parse(path.read_text()), include_attributes=False)
+    return _normalised_python(path.read_text())
+
+@functools.lru_cache(maxsize=None)
+def _normalised_python(source: str) -> str: return ast.dump(_parse(source), include_attributes=False)
 
 def file_fingerprint(path) -> str:
     "A short hash of `normalised_source(path)`."
