@@ -20,8 +20,8 @@ from .features import experiment_inputs, split_fingerprint
 from .train import TrainConfig, to_device, train_and_test
 
 # %% auto #0
-__all__ = ['fold_split', 'variant_config', 'VariantContext', 'run_key', 'resolve_workers', 'run_variants', 'run_experiment',
-           'save_representations']
+__all__ = ['fold_split', 'variant_config', 'VariantContext', 'run_key', 'resolve_workers', 'run_variants', 'run_folds',
+           'run_experiment', 'save_representations']
 
 # %% ../nbs/39_experiment.ipynb #3e720576
 def fold_split(params: dict, fold: int) -> dict:
@@ -99,17 +99,13 @@ def _pool(workers: int):
     ctx.set_forkserver_preload(["mmer.experiment"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
-def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs=None, variants=None,
-                 progress: bool = True, workers=None, split: dict | None = None, models_dir=None, extras: dict | None = None) -> dict:
-    """Train and test every variant of `params[section]` (or those in `variants`) on `fold`; returns {variant: test
-    metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text); with
-    `models_dir`, the paper's main variant is saved there as a bundle (`mmer.bundle`)."""
-    from tqdm.auto import tqdm
-    sec, classes = params[section], class_names(params)
+def _variant_tasks(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs, variants, progress: bool,
+                   workers, split, models_dir, extras) -> list[dict]:
+    "One task per variant of `params[section]` (or those in `variants`) on `fold`, for `_run_variant`."
+    sec = params[section]
     unknown = sorted(set(variants or []) - set(sec["variants"]))
     if unknown: raise KeyError(f"variants {unknown} are not in params.yaml {section}.variants ({sorted(sec['variants'])})")
     names = [n for n in sec["variants"] if not variants or n in variants]
-    workers = resolve_workers(params["train"].get("workers", "auto") if workers is None else workers, len(names))
     cfg = {k: v for k, v in {**params["train"], **sec["train"], "progress": progress and workers == 1}.items() if k != "workers"}
     if epochs: cfg["epochs"] = int(epochs)
     if not cfg.get("threads") and workers > 1: cfg["threads"] = max(1, (os.cpu_count() or 1) // workers)
@@ -120,33 +116,90 @@ def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, r
     if workers > 1 and module == "__main__":
         raise ValueError(f"paper {section!r} is defined in __main__ (a notebook or script), which worker processes cannot "
                          f"import: register it in a module, or run with workers=1")
-    tasks = [dict(params=params, section=section, name=n, fold=fold, classes=classes, train_cfg=cfg, split=split,
-                  features_dir=features_dir, out_dir=str(out_dir), runs_dir=str(runs_dir), paper_module=module,
-                  models_dir=str(models_dir) if models_dir else None, extras=dict(extras or {})) for n in names]
-    start, done = time.perf_counter(), {}
-    bar = tqdm(total=len(tasks), desc=f"{section} fold {fold}", disable=not progress or workers == 1, unit="variant")
+    return [dict(params=params, section=section, name=n, fold=fold, classes=class_names(params), train_cfg=cfg, split=split,
+                 features_dir=features_dir, out_dir=str(out_dir), runs_dir=str(runs_dir), paper_module=module,
+                 models_dir=str(models_dir) if models_dir else None, extras=dict(extras or {})) for n in names]
+
+def _execute(tasks: list[dict], workers: int, progress: bool, desc: str) -> dict:
+    "{(fold, name): `_run_variant` result} of every task: here, or in one pool of `workers` processes for all of them."
+    from tqdm.auto import tqdm
+    done = {}
+    bar = tqdm(total=len(tasks), desc=desc, disable=not progress or workers == 1, unit="variant")
     if workers == 1:
-        for task in tasks: done[task["name"]] = _run_variant(task)
+        for task in tasks: done[task["fold"], task["name"]] = _run_variant(task)
     else:
+        from concurrent.futures import as_completed
         with _pool(workers) as pool:
             run_one = importlib.import_module("mmer.experiment")._run_variant   # the module's, picklable by name (not a notebook copy)
-            futures = {pool.submit(run_one, t): t["name"] for t in tasks}
-            from concurrent.futures import as_completed
+            futures = {pool.submit(run_one, t): (t["fold"], t["name"]) for t in tasks}
             for future in as_completed(futures):
-                try: done[futures[future]] = future.result()
-                except Exception as e: raise RuntimeError(f"{section} fold {fold}, variant {futures[future]!r} failed: {e}") from e
+                fold, name = futures[future]
+                try: done[fold, name] = future.result()
+                except Exception as e: raise RuntimeError(f"{tasks[0]['section']} fold {fold}, variant {name!r} failed: {e}") from e
                 bar.update()
     bar.close()
-    summary = {n: done[n]["metrics"] for n in names}
+    return done
+
+def _summarise(section: str, fold: int, names: list[str], done: dict, out_dir) -> dict:
+    "Print `fold`'s test metrics in params.yaml order and write them to `out_dir/metrics.json`; returns {variant: metrics}."
+    summary = {n: done[fold, n]["metrics"] for n in names}
     for n in names:
         m = summary[n]
         shown = {k: m[k] for k in ("ua", "wa", "mae", "corr", "acc2_non0", "acc7") if k in m}
         print(f"{section} fold {fold} {n:28s} test " + "  ".join(f"{k.upper()} {v:.3f}" for k, v in shown.items()))
     write_json(Path(out_dir) / "metrics.json", summary)
-    if os.environ.get("MMER_TIMING_DETAILS"):
-        write_json(os.environ["MMER_TIMING_DETAILS"], {"section": section, "fold": fold, "workers": workers,
-                   "threads": cfg.get("threads"), "seconds": round(time.perf_counter() - start, 2),
-                   "variants": {n: {k: done[n][k] for k in ("seconds", "epochs_run", "best_epoch", "resumed_from")} for n in names}})
+    return summary
+
+def _write_timing(section: str, tasks: list[dict], done: dict, workers: int, seconds: float) -> None:
+    "Each variant's fit time to the file named by `$MMER_TIMING_DETAILS` (the pipeline's timing wrapper), if set."
+    if not os.environ.get("MMER_TIMING_DETAILS"): return
+    folds = list(dict.fromkeys(t["fold"] for t in tasks))
+    key = (lambda f, n: n) if len(folds) == 1 else (lambda f, n: f"fold{f}/{n}")
+    write_json(os.environ["MMER_TIMING_DETAILS"], {"section": section, **({"fold": folds[0]} if len(folds) == 1 else {"folds": folds}),
+               "workers": workers, "threads": tasks[0]["train_cfg"].get("threads"), "seconds": round(seconds, 2),
+               "variants": {key(t["fold"], t["name"]): {k: done[t["fold"], t["name"]][k] for k in ("seconds", "epochs_run", "best_epoch", "resumed_from")}
+                            for t in tasks}})
+
+def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs=None, variants=None,
+                 progress: bool = True, workers=None, split: dict | None = None, models_dir=None, extras: dict | None = None) -> dict:
+    """Train and test every variant of `params[section]` (or those in `variants`) on `fold`; returns {variant: test
+    metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text); with
+    `models_dir`, the paper's main variant is saved there as a bundle (`mmer.bundle`)."""
+    n_variants = len([n for n in params[section]["variants"] if not variants or n in variants])
+    workers = resolve_workers(params["train"].get("workers", "auto") if workers is None else workers, max(1, n_variants))
+    tasks = _variant_tasks(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split,
+                           models_dir, extras)
+    start = time.perf_counter()
+    done = _execute(tasks, workers, progress, f"{section} fold {fold}")
+    summary = _summarise(section, fold, [t["name"] for t in tasks], done, out_dir)
+    _write_timing(section, tasks, done, workers, time.perf_counter() - start)
+    return summary
+
+
+def run_folds(section: str, folds, features_dir, out_dir, runs_dir, params_file="params.yaml", epochs=None, variants=None,
+              progress: bool = True, workers=None, models_dir=None, **extras) -> dict:
+    """`run_experiment` for several folds (or training seeds, for a paper whose `prepare` reads the fold as its seed) in
+    ONE pool of workers: no pool start-up per fold, and no core idles at the end of each fold while the last variant
+    runs. Each fold's results go to `out_dir/fold<k>` (runs to `runs_dir/fold<k>`), bit for bit as `run_experiment`
+    writes them; returns {fold: {variant: test metrics}}. `params_file` may also be an already resolved params dict."""
+    folds = [int(f) for f in folds]
+    if not folds or len(set(folds)) != len(folds): raise ValueError(f"folds must be distinct and at least one, got {folds}")
+    base = params_file if isinstance(params_file, dict) else resolve_profile(load_params(params_file))
+    paper = PAPERS.get(section)
+    n_variants = len([n for n in base[section]["variants"] if not variants or n in variants])
+    workers = resolve_workers(base["train"].get("workers", "auto") if workers is None else workers, max(1, n_variants * len(folds)))
+    tasks, names = [], {}
+    for fold in folds:
+        params, split = paper.prepare(base, fold, **extras) if paper.prepare else (base, None)
+        if fold == folds[0]:
+            print(describe_data(params), *([describe_encoders(params)] if paper.inputs is None else []), f"Profile: {params['profile']}.")
+        fold_tasks = _variant_tasks(params, section, fold, features_dir, Path(out_dir) / f"fold{fold}", Path(runs_dir) / f"fold{fold}",
+                                    epochs, variants, progress, workers, split, models_dir, extras)
+        tasks += fold_tasks; names[fold] = [t["name"] for t in fold_tasks]
+    start = time.perf_counter()
+    done = _execute(tasks, workers, progress, f"{section} folds {folds[0]}-{folds[-1]}")
+    summary = {fold: _summarise(section, fold, names[fold], done, Path(out_dir) / f"fold{fold}") for fold in folds}
+    _write_timing(section, tasks, done, workers, time.perf_counter() - start)
     return summary
 
 # %% ../nbs/39_experiment.ipynb #3e72057f

@@ -23,10 +23,14 @@ from .metrics import classification_metrics
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TrainConfig', 'TrainState', 'to_device', 'cross_entropy_loss', 'predict', 'score', 'evaluate_classification',
-           'FitResult', 'set_epoch', 'fit', 'save_predictions', 'train_and_test']
+__all__ = ['log', 'LOWER_IS_BETTER', 'HIGHER_IS_BETTER', 'TrainConfig', 'TrainState', 'to_device', 'cross_entropy_loss',
+           'predict', 'score', 'evaluate_classification', 'FitResult', 'set_epoch', 'fit', 'save_predictions',
+           'train_and_test']
 
 # %% ../nbs/38_train.ipynb #b3cbdd9e
+LOWER_IS_BETTER = {"mae", "mse", "rmse", "loss", "error", "wer", "cer"}   # validation metrics that improve downwards
+HIGHER_IS_BETTER = {"ua", "wa", "accuracy", "corr", "acc2_has0", "acc2_non0", "acc5", "acc7", "f1", "f1_has0", "f1_non0", "weighted_f1"}
+
 @dataclass
 class TrainConfig:
     "Everything the loop needs to know; built from a params.yaml section with `TrainConfig.from_dict`."
@@ -54,6 +58,10 @@ class TrainConfig:
         if unknown: raise ValueError(f"unknown training option(s) {unknown}; expected some of {sorted(known)}")
         cfg = cls(**(d or {}))
         if cfg.select_mode not in ("max", "min"): raise ValueError(f"select_mode must be max or min, got {cfg.select_mode!r}")
+        expected = "min" if cfg.select_metric in LOWER_IS_BETTER else "max" if cfg.select_metric in HIGHER_IS_BETTER else None
+        if expected and cfg.select_mode != expected:   # selecting the worst epoch would go unnoticed: every run still "works"
+            raise ValueError(f"select_metric {cfg.select_metric!r} is {'lower' if expected == 'min' else 'higher'}-is-better, so "
+                             f"select_mode must be {expected!r}; got {cfg.select_mode!r}, which would keep the worst validation epoch")
         if cfg.patience is not None and cfg.patience < 1: raise ValueError(f"patience must be >= 1 or None, got {cfg.patience}")
         return cfg
 
