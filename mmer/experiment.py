@@ -160,13 +160,24 @@ def _write_timing(section: str, tasks: list[dict], done: dict, workers: int, sec
                "variants": {key(t["fold"], t["name"]): {k: done[t["fold"], t["name"]][k] for k in ("seconds", "epochs_run", "best_epoch", "resumed_from")}
                             for t in tasks}})
 
+def _workers(params: dict, section: str, variants, workers, n_folds: int = 1) -> int:
+    "The worker processes for `n_folds` folds of `section`'s variants (or those in `variants`): `resolve_workers`."
+    n_variants = len([n for n in params[section]["variants"] if not variants or n in variants])
+    return resolve_workers(params["train"].get("workers", "auto") if workers is None else workers, max(1, n_variants * n_folds))
+
+def _prepared(params: dict, section: str, fold: int, extras: dict, announce: bool = True) -> tuple[dict, dict | None]:
+    "(params, split) of the paper's `prepare` for `fold` (split None: the fold's own tables); `announce` prints the data."
+    paper = PAPERS.get(section)
+    params, split = paper.prepare(params, fold, **extras) if paper.prepare else (params, None)
+    if announce: print(describe_data(params), *([describe_encoders(params)] if paper.inputs is None else []), f"Profile: {params['profile']}.")
+    return params, split
+
 def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, runs_dir, epochs=None, variants=None,
                  progress: bool = True, workers=None, split: dict | None = None, models_dir=None, extras: dict | None = None) -> dict:
     """Train and test every variant of `params[section]` (or those in `variants`) on `fold`; returns {variant: test
     metrics}. `split` replaces the fold's utterance tables (e.g. ASR transcripts in place of the gold text); with
     `models_dir`, the paper's main variant is saved there as a bundle (`mmer.bundle`)."""
-    n_variants = len([n for n in params[section]["variants"] if not variants or n in variants])
-    workers = resolve_workers(params["train"].get("workers", "auto") if workers is None else workers, max(1, n_variants))
+    workers = _workers(params, section, variants, workers)
     tasks = _variant_tasks(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split,
                            models_dir, extras)
     start = time.perf_counter()
@@ -179,20 +190,16 @@ def run_variants(params: dict, section: str, fold: int, features_dir, out_dir, r
 def run_folds(section: str, folds, features_dir, out_dir, runs_dir, params_file="params.yaml", epochs=None, variants=None,
               progress: bool = True, workers=None, models_dir=None, **extras) -> dict:
     """`run_experiment` for several folds (or training seeds, for a paper whose `prepare` reads the fold as its seed) in
-    ONE pool of workers: no pool start-up per fold, and no core idles at the end of each fold while the last variant
-    runs. Each fold's results go to `out_dir/fold<k>` (runs to `runs_dir/fold<k>`), bit for bit as `run_experiment`
-    writes them; returns {fold: {variant: test metrics}}. `params_file` may also be an already resolved params dict."""
+    one pool of workers for all of them (measured no faster than a pool per seed on the embedded TDMER, nbs/39_experiment).
+    Each fold's results go to `out_dir/fold<k>` (runs to `runs_dir/fold<k>`), bit for bit as `run_experiment` writes
+    them; returns {fold: {variant: test metrics}}. `params_file` may also be an already resolved params dict."""
     folds = [int(f) for f in folds]
     if not folds or len(set(folds)) != len(folds): raise ValueError(f"folds must be distinct and at least one, got {folds}")
     base = params_file if isinstance(params_file, dict) else resolve_profile(load_params(params_file))
-    paper = PAPERS.get(section)
-    n_variants = len([n for n in base[section]["variants"] if not variants or n in variants])
-    workers = resolve_workers(base["train"].get("workers", "auto") if workers is None else workers, max(1, n_variants * len(folds)))
+    workers = _workers(base, section, variants, workers, len(folds))
     tasks, names = [], {}
     for fold in folds:
-        params, split = paper.prepare(base, fold, **extras) if paper.prepare else (base, None)
-        if fold == folds[0]:
-            print(describe_data(params), *([describe_encoders(params)] if paper.inputs is None else []), f"Profile: {params['profile']}.")
+        params, split = _prepared(base, section, fold, extras, announce=fold == folds[0])
         fold_tasks = _variant_tasks(params, section, fold, features_dir, Path(out_dir) / f"fold{fold}", Path(runs_dir) / f"fold{fold}",
                                     epochs, variants, progress, workers, split, models_dir, extras)
         tasks += fold_tasks; names[fold] = [t["name"] for t in fold_tasks]
@@ -206,9 +213,7 @@ def run_folds(section: str, folds, features_dir, out_dir, runs_dir, params_file=
 def run_experiment(section: str, fold: int, features_dir, out_dir, runs_dir, params_file="params.yaml", epochs=None,
                    variants=None, progress: bool = True, workers=None, models_dir=None, **extras) -> dict:
     "Run `section`'s variants on `fold` as configured in `params_file`; `extras` go to the paper's `prepare`."
-    params, paper = resolve_profile(load_params(params_file)), PAPERS.get(section)
-    params, split = paper.prepare(params, fold, **extras) if paper.prepare else (params, None)
-    print(describe_data(params), *([describe_encoders(params)] if paper.inputs is None else []), f"Profile: {params['profile']}.")
+    params, split = _prepared(resolve_profile(load_params(params_file)), section, fold, extras)
     return run_variants(params, section, fold, features_dir, out_dir, runs_dir, epochs, variants, progress, workers, split, models_dir,
                         extras)
 

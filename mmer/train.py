@@ -28,8 +28,10 @@ __all__ = ['log', 'LOWER_IS_BETTER', 'HIGHER_IS_BETTER', 'TrainConfig', 'TrainSt
            'train_and_test']
 
 # %% ../nbs/38_train.ipynb #b3cbdd9e
-LOWER_IS_BETTER = {"mae", "mse", "rmse", "loss", "error", "wer", "cer"}   # validation metrics that improve downwards
-HIGHER_IS_BETTER = {"ua", "wa", "accuracy", "corr", "acc2_has0", "acc2_non0", "acc5", "acc7", "f1", "f1_has0", "f1_non0", "weighted_f1"}
+# The direction of every validation metric the project computes (`mmer.metrics`: classification_metrics,
+# sentiment_metrics), and of the usual error names a custom `evaluate` may add; another name is taken as configured.
+LOWER_IS_BETTER = {"mae", "mse", "rmse", "loss", "error", "wer", "cer"}
+HIGHER_IS_BETTER = {"wa", "ua", "f1_macro", "f1_weighted", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc7", "corr"}
 
 @dataclass
 class TrainConfig:
